@@ -1,0 +1,3 @@
+from kfgan_daemon.cli import main
+
+main()
