@@ -1,0 +1,128 @@
+"""`kfgan-daemon bench`: where the time of one frame goes, stage by stage."""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kfgan_daemon.face import mls_warp
+from kfgan_daemon.media import FileSink, FileSource
+from kfgan_daemon.restore.generator import CropGenerator
+from kfgan_daemon.restore.job import FaceJob
+from kfgan_daemon.restore.settings import RestoreSettings
+from kfgan_daemon.restore.stream import StreamRestorer
+
+FACE_STAGES = ("track", "align", "select", "warp", "paste")
+STAGE_ORDER = ("decode", "track", "align", "select", "warp", "generator", "paste", "encode")
+
+
+@dataclass
+class BenchReport:
+    clip: Path
+    width: int
+    height: int
+    frames: int
+    restored: int
+    seconds: float
+    stage_ms: dict[str, float]
+    stage_calls: dict[str, int]
+    detector_calls: int | None
+    micro_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds else 0.0
+
+    @property
+    def face_path_ms(self) -> float:
+        return sum(self.stage_ms.get(stage, 0.0) for stage in FACE_STAGES)
+
+    def render(self) -> str:
+        lines = [f"clip {self.clip.name} {self.width}x{self.height}: {self.frames} frames, {self.restored} restored"]
+        lines.append("stage        ms per call   calls")
+        for stage in STAGE_ORDER:
+            if stage in self.stage_ms:
+                lines.append(f"  {stage:<10} {self.stage_ms[stage]:8.2f}   {self.stage_calls[stage]:6d}")
+        lines.append(f"  {'face path':<10} {self.face_path_ms:8.2f}   (track+align+select+warp+paste)")
+        if self.detector_calls is not None:
+            lines.append(f"detector ran on {self.detector_calls} of {self.frames} frames")
+        for name, value in self.micro_ms.items():
+            lines.append(f"{name}: {value:.2f} ms")
+        lines.append(f"end-to-end: {self.fps:.2f} FPS ({1000.0 / self.fps if self.fps else float('inf'):.1f} ms/frame)")
+        return "\n".join(lines)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(samples))
+
+
+def micro_benchmarks(job: FaceJob, generator: CropGenerator, src_landmarks: np.ndarray) -> dict[str, float]:
+    """Isolated timings of the warp (both modes) and of one generator call on a real crop."""
+    dst = job.crop_landmarks
+    crop = job.compressed
+    return {
+        "mls warp fast (256x256)": _median_ms(lambda: mls_warp(crop, src_landmarks, dst, mode="fast"), 20),
+        "mls warp published (256x256)": _median_ms(lambda: mls_warp(crop, src_landmarks, dst, mode="published"), 3),
+        "generator, batch 1": _median_ms(lambda: generator([job]), 3),
+    }
+
+
+def run_offline_bench(
+    clip: Path, generator: CropGenerator, max_frames: int = 100, detector: str = "hog"
+) -> BenchReport:
+    """Decode, restore and encode up to ``max_frames`` frames, timing every stage."""
+    restorer = StreamRestorer(RestoreSettings(detector=detector))
+    timer = restorer.stats.timer
+    last_job: FaceJob | None = None
+    with FileSource(clip) as source, tempfile.TemporaryDirectory() as tmp:
+        width, height = source.width, source.height
+        sink = FileSink(
+            Path(tmp) / "bench.mp4",
+            width=width,
+            height=height,
+            frame_rate=source.frame_rate,
+            time_base=source.time_base,
+        )
+        frames = iter(source)
+        start = time.perf_counter()
+        with sink:
+            for _ in range(max_frames):
+                with timer.stage("decode"):
+                    frame = next(frames, None)
+                if frame is None:
+                    break
+                job = restorer.prepare(frame)
+                if job is not None:
+                    with timer.stage("generator"):
+                        (crop,) = generator([job])
+                    frame = restorer.complete(frame, job, crop)
+                    last_job = job
+                with timer.stage("encode"):
+                    sink.write(frame)
+        seconds = time.perf_counter() - start
+    stats = restorer.stats
+    micro: dict[str, float] = {}
+    if last_job is not None:
+        entry = restorer.store.select(last_job.crop_landmarks)
+        micro = micro_benchmarks(last_job, generator, entry.landmarks)
+    return BenchReport(
+        clip=clip,
+        width=width,
+        height=height,
+        frames=stats.frames,
+        restored=stats.restored,
+        seconds=seconds,
+        stage_ms=stats.timer.mean_ms(),
+        stage_calls={name: total.count for name, total in stats.timer.totals.items()},
+        detector_calls=getattr(restorer.tracker, "detections", None),
+        micro_ms=micro,
+    )

@@ -1,0 +1,54 @@
+"""Runs a generator module on batches of face jobs: uint8 crops in, uint8 crops out."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from kfgan_daemon.restore.job import FaceJob
+
+
+def crops_to_tensor(crops: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """BGR uint8 HxWx3 crops -> N x 3 x H x W RGB float in [0, 1] (the published input convention)."""
+    batch = np.stack(crops)[..., ::-1]
+    tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    return tensor.permute(0, 3, 1, 2).to(dtype).div_(255.0)
+
+
+def tensor_to_crops(tensor: torch.Tensor) -> list[np.ndarray]:
+    """N x 3 x H x W RGB float -> BGR uint8 crops, clamped then rounded as the published code does."""
+    array = tensor.detach().float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+    array = array.permute(0, 2, 3, 1).cpu().numpy()[..., ::-1]
+    return [np.ascontiguousarray(crop) for crop in array]
+
+
+class CropGenerator:
+    """A loaded generator bound to a device and precision.
+
+    Not thread-safe: the engine gives each device exactly one inference worker.
+    """
+
+    def __init__(self, module: nn.Module, device: str | torch.device = "cpu", half: bool = False) -> None:
+        self.device = torch.device(device)
+        if half and self.device.type == "cpu":
+            raise ValueError("half precision needs a CUDA device; use float32 on the CPU")
+        self.dtype = torch.float16 if half else torch.float32
+        self.module = module.to(self.device, self.dtype).eval()
+
+    def __call__(self, jobs: Sequence[FaceJob]) -> list[np.ndarray]:
+        if not jobs:
+            return []
+        with torch.inference_mode():
+            compressed = crops_to_tensor([job.compressed for job in jobs], self.device, self.dtype)
+            reference = crops_to_tensor([job.reference for job in jobs], self.device, self.dtype)
+            landmarks = crops_to_tensor([job.landmark_image for job in jobs], self.device, self.dtype)
+            restored = self.module(compressed, reference, landmarks)
+        return tensor_to_crops(restored)
+
+    def warm_up(self, batch_size: int = 1) -> None:
+        """Run one batch so that the first real frame does not pay for lazy initialisation."""
+        blank = np.zeros((256, 256, 3), np.uint8)
+        job = FaceJob(blank, blank, blank, np.eye(2, 3), np.zeros((68, 2), np.int64), -1)
+        self([job] * batch_size)

@@ -1,0 +1,20 @@
+"""Per-stream restoration settings (plain data; the service validates them at its edge)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreSettings:
+    detector: Literal["hog", "cnn"] = "hog"
+    redetect_interval: int = 30
+    keyframe_store_size: int = 10
+    keyframe_policy: Literal["lfu", "max_distance"] = "lfu"
+    warp_mode: Literal["fast", "published"] = "fast"
+    # Mean per-landmark distance (crop pixels) above which the stored keyframes
+    # are too far from the current pose to help; the WebRTC path then asks for a PLI.
+    pli_distance_threshold: float = 12.0
+    predictor_path: Path | None = None
+    detector_path: Path | None = None
