@@ -28,3 +28,11 @@ class FaceModelError(KfganError):
 
 class ConfigError(KfganError):
     """A configuration value is invalid; the message names the field."""
+
+
+class EngineError(KfganError):
+    """The streaming engine cannot do what was asked (not started, stream id taken, too many streams)."""
+
+
+class StreamClosedError(EngineError):
+    """A frame was submitted to, or a result read from, a stream that has been closed."""
