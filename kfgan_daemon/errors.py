@@ -36,3 +36,11 @@ class EngineError(KfganError):
 
 class StreamClosedError(EngineError):
     """A frame was submitted to, or a result read from, a stream that has been closed."""
+
+
+class RtpPacketError(InputError):
+    """An RTP packet or payload is truncated or malformed; the packet is dropped and counted."""
+
+
+class SdpError(InputError):
+    """A session description cannot be used (not SDP, no H.264 video, unsupported mode)."""
