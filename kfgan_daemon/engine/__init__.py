@@ -1,0 +1,48 @@
+"""The asyncio streaming engine: live streams restored in real time over one batching inference worker.
+
+Public API (stable; the service, WebRTC and pipe code build on it)::
+
+    from kfgan_daemon.engine import EngineSettings, StreamEngine, Outcome
+
+    engine = StreamEngine(generator, EngineSettings(), registry=None)   # generator: CropGenerator
+    await engine.start()
+    stream = engine.open_stream(stream_id=None, policy="passthrough" | "drop", realtime=True,
+                                restore_settings=None, restorer=None)   # -> LiveStream
+    await stream.submit(frame, arrival=None)       # DecodedFrame; arrival: time.monotonic() of receipt
+    async for out in stream.results(): ...         # StreamOutput(frame, outcome, arrival, emitted), in order
+    out = await stream.next_output()               # one at a time; StreamClosedError at the end
+    stream.needs_keyframe                          # bool, for RTCP PLI
+    stream.info() / engine.stream_infos()          # StreamInfo snapshots (.to_dict() for JSON)
+    engine.streams / engine.get_stream(id)         # open LiveStreams by id
+    await engine.close_stream(id, drain=True)      # or await stream.close(drain=True, timeout=None)
+    await engine.stop()                            # drains every stream, stops the worker
+    engine.metrics.registry                        # prometheus_client registry with every engine metric
+
+Real-time streams keep the added latency under ``EngineSettings.max_latency``
+by sending late frames unrestored (``passthrough``) or not at all (``drop``);
+I-frames reach the keyframe store either way. Non-real-time streams (files)
+restore every frame with backpressure. ``run_async(coro)`` runs a coroutine on
+uvloop when it is installed.
+"""
+from kfgan_daemon.engine.engine import StreamEngine, run_async
+from kfgan_daemon.engine.inference import BatchRecord, InferenceWorker
+from kfgan_daemon.engine.metrics import EngineMetrics
+from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
+from kfgan_daemon.engine.stream import FrameRestorer, LiveStream, Outcome, StreamInfo, StreamOutput, StreamStats
+
+__all__ = [
+    "OVERLOAD_POLICIES",
+    "BatchRecord",
+    "EngineMetrics",
+    "EngineSettings",
+    "FrameRestorer",
+    "InferenceWorker",
+    "LiveStream",
+    "Outcome",
+    "OverloadPolicy",
+    "StreamEngine",
+    "StreamInfo",
+    "StreamOutput",
+    "StreamStats",
+    "run_async",
+]

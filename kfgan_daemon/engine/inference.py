@@ -1,0 +1,302 @@
+"""One inference worker per device: batches face jobs from every live stream into generator calls."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kfgan_daemon.engine.metrics import EngineMetrics
+from kfgan_daemon.errors import EngineError
+
+if TYPE_CHECKING:
+    from kfgan_daemon.restore.job import FaceJob
+
+log = logging.getLogger(__name__)
+
+# A CropGenerator, or anything that maps a list of FaceJobs to as many restored crops.
+BatchGenerator = Callable[[Sequence[Any]], list[np.ndarray]]
+
+
+@dataclass(slots=True)
+class _Request:
+    job: FaceJob
+    stream_id: str
+    deadline: float | None  # time.monotonic(); None for streams that process every frame
+    future: asyncio.Future[np.ndarray]
+    submitted: float
+
+
+@dataclass(slots=True)
+class BatchRecord:
+    """What one generator call carried (kept for the last few batches, for tests and inspection)."""
+
+    size: int
+    streams: frozenset[str]
+    seconds: float
+
+
+class ServiceTime:
+    """Running estimate of the generator's seconds per batch, by batch size.
+
+    A size never seen is predicted from the nearest smaller size seen, scaled
+    linearly (a CPU's cost; a GPU does better, so this errs on the safe side),
+    or from the nearest larger one as is. Nothing seen yet predicts 0.
+    """
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self.smoothing = smoothing
+        self._seconds: dict[int, float] = {}
+
+    def observe(self, size: int, seconds: float) -> None:
+        previous = self._seconds.get(size)
+        self._seconds[size] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
+
+    def predict(self, size: int) -> float:
+        if size in self._seconds:
+            return self._seconds[size]
+        smaller = [k for k in self._seconds if k < size]
+        if smaller:
+            k = max(smaller)
+            return self._seconds[k] * size / k
+        larger = [k for k in self._seconds if k > size]
+        return self._seconds[min(larger)] if larger else 0.0
+
+
+class InferenceWorker:
+    """Collects face jobs into batches of at most ``max_batch``, waiting at most ``max_wait`` to fill one.
+
+    The generator runs on a dedicated thread, so the event loop stays free
+    while it computes; a single thread per device because a generator (and a
+    CUDA stream) is not meant to be driven from two threads at once. The wait
+    for more jobs only happens when more than one stream is open: a lone
+    stream gains nothing from waiting for its own next frame.
+    """
+
+    def __init__(
+        self,
+        generator: BatchGenerator,
+        *,
+        device: str = "cpu",
+        max_batch: int = 4,
+        max_wait: float = 0.005,
+        queue_size: int = 64,
+        metrics: EngineMetrics | None = None,
+        open_streams: Callable[[], int] = lambda: 1,
+        history: int = 256,
+    ) -> None:
+        self.generator = generator
+        self.device = device
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.queue_size = queue_size
+        self.metrics = metrics or EngineMetrics()
+        self._open_streams = open_streams
+        self._queue: deque[_Request] = deque()
+        self._arrived = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.batches = 0
+        self.jobs = 0
+        self.multi_stream_batches = 0
+        self.recent: deque[BatchRecord] = deque(maxlen=history)
+        self.service_time = ServiceTime()
+        self._busy_until = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._stopping = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kfgan-infer-{self.device}")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kfgan-inference-{self.device}")
+
+    async def stop(self) -> None:
+        """Finish the jobs already queued, then stop."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._arrived.set()
+        try:
+            await self._task
+        finally:
+            self._task = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+
+    def expected_finish(self, now: float) -> float:
+        """When a job submitted now would probably be done: after the running batch and the queued jobs."""
+        start = max(now, self._busy_until)
+        jobs = len(self._queue) + 1
+        full_batches, rest = divmod(jobs, self.max_batch)
+        return (
+            start
+            + full_batches * self.service_time.predict(self.max_batch)
+            + (self.service_time.predict(rest) if rest else 0.0)
+        )
+
+    async def submit(self, job: FaceJob, stream_id: str, deadline: float | None = None) -> asyncio.Future[np.ndarray]:
+        """Queue one job; the returned future resolves to its restored crop.
+
+        Waits while the queue is full. Cancelling the future withdraws the job
+        if the worker has not taken it yet.
+        """
+        while len(self._queue) >= self.queue_size:
+            if not self.running:
+                raise EngineError("the inference worker is not running")
+            self._space.clear()
+            await self._space.wait()
+        if not self.running or self._stopping:
+            raise EngineError("the inference worker is not running")
+        loop = asyncio.get_running_loop()
+        request = _Request(job, stream_id, deadline, loop.create_future(), time.monotonic())
+        self._queue.append(request)
+        self._arrived.set()
+        self.metrics.inference_queue.labels(self.device).set(len(self._queue))
+        return request.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            if batch is None:
+                return
+            live = self._discard_stale(batch, time.monotonic())
+            if live:
+                try:
+                    await self._execute(live, loop)
+                finally:
+                    self._busy_until = 0.0
+
+    async def _collect(self) -> list[_Request] | None:
+        while not self._queue:
+            if self._stopping:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
+        batch = [self._queue.popleft()]
+        if self.max_wait > 0 and self._open_streams() > 1:
+            until = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch and not self._stopping:
+                if self._queue:
+                    batch.append(self._queue.popleft())
+                    continue
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+        while len(batch) < self.max_batch and self._queue:
+            batch.append(self._queue.popleft())
+        self._space.set()
+        self.metrics.inference_queue.labels(self.device).set(len(self._queue))
+        return batch
+
+    def _discard_stale(self, batch: list[_Request], now: float) -> list[_Request]:
+        """Drop jobs that are withdrawn, past their deadline, or would be by the time this batch is done.
+
+        Computing a crop that arrives after its frame was sent is pure loss, and
+        it makes the next frames late too: under overload a real-time stream
+        would otherwise never catch up. So, while the predicted end of the batch
+        is past some job's deadline, the job with the earliest deadline goes.
+        """
+        live = []
+        for request in batch:
+            if request.future.done():
+                continue  # withdrawn by its stream (its deadline passed there first)
+            if request.deadline is not None and now >= request.deadline:
+                self._expire(request)
+                continue
+            live.append(request)
+        while live:
+            finish = now + self.service_time.predict(len(live))
+            late = [r for r in live if r.deadline is not None and r.deadline < finish]
+            if not late:
+                break
+            earliest = min(late, key=lambda r: r.deadline)
+            live.remove(earliest)
+            self._expire(earliest)
+        return live
+
+    def _expire(self, request: _Request) -> None:
+        request.future.cancel()
+        self.metrics.inference_expired.labels(self.device).inc()
+
+    async def _execute(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
+        jobs = [request.job for request in batch]
+        start = time.perf_counter()
+        self._busy_until = time.monotonic() + self.service_time.predict(len(jobs))
+        try:
+            crops = await loop.run_in_executor(self._executor, self._call, jobs)
+        except Exception as exc:  # the generator failed: isolate the job that did it
+            self.metrics.inference_errors.labels(self.device).inc()
+            log.warning("generator failed on a batch of %d (%s); retrying jobs one by one", len(jobs), exc)
+            if len(batch) == 1:
+                _fail(batch[0].future, exc)
+            else:
+                for request in batch:
+                    await self._execute_single(request, loop)
+            return
+        seconds = time.perf_counter() - start
+        self._record(batch, seconds)
+        for request, crop in zip(batch, crops, strict=True):
+            if not request.future.done():
+                request.future.set_result(crop)
+
+    async def _execute_single(self, request: _Request, loop: asyncio.AbstractEventLoop) -> None:
+        if request.future.done():
+            return
+        start = time.perf_counter()
+        self._busy_until = time.monotonic() + self.service_time.predict(1)
+        try:
+            (crop,) = await loop.run_in_executor(self._executor, self._call, [request.job])
+        except Exception as exc:
+            self.metrics.inference_errors.labels(self.device).inc()
+            _fail(request.future, exc)
+            return
+        self._record([request], time.perf_counter() - start)
+        if not request.future.done():
+            request.future.set_result(crop)
+
+    def _call(self, jobs: list[FaceJob]) -> list[np.ndarray]:
+        crops = self.generator(jobs)
+        if len(crops) != len(jobs):
+            raise EngineError(f"generator returned {len(crops)} crops for {len(jobs)} jobs")
+        return crops
+
+    def _record(self, batch: list[_Request], seconds: float) -> None:
+        streams = frozenset(request.stream_id for request in batch)
+        self.batches += 1
+        self.jobs += len(batch)
+        if len(streams) > 1:
+            self.multi_stream_batches += 1
+        self.recent.append(BatchRecord(len(batch), streams, seconds))
+        self.service_time.observe(len(batch), seconds)
+        self.metrics.batch_size.labels(self.device).observe(len(batch))
+        self.metrics.batch_streams.labels(self.device).observe(len(streams))
+        self.metrics.batch_seconds.labels(self.device).observe(seconds)
+
+
+def _fail(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,61 @@
+"""Engine tuning knobs (plain data; the service validates its own config and maps it here)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+OverloadPolicy = Literal["passthrough", "drop"]
+OVERLOAD_POLICIES: tuple[str, ...] = ("passthrough", "drop")
+
+
+def _default_cpu_workers() -> int:
+    return max(2, min(4, os.cpu_count() or 2))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """How the engine batches, queues and sheds work.
+
+    Latency in a real-time stream is bounded by ``max_latency``: a frame whose
+    restoration has not finished that long after it arrived is sent unrestored
+    (``passthrough``) or dropped (``drop``). A frame that has already waited
+    ``shed_after`` before its face could even be prepared is shed at once,
+    because it could not make the deadline anyway.
+    """
+
+    max_batch: int = 4
+    max_batch_wait: float = 0.005
+    max_latency: float = 0.1
+    shed_after: float | None = None
+    max_in_flight: int = 3
+    inbox_size: int = 8
+    outbox_size: int = 8
+    inference_queue_size: int = 64
+    cpu_workers: int = 0
+    max_streams: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if self.max_batch_wait < 0:
+            raise ValueError("max_batch_wait must not be negative")
+        if self.max_latency <= 0:
+            raise ValueError("max_latency must be positive")
+        if self.shed_after is not None and not 0 < self.shed_after <= self.max_latency:
+            raise ValueError("shed_after must be positive and at most max_latency")
+        for name in ("max_in_flight", "inbox_size", "outbox_size", "inference_queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.cpu_workers < 0:
+            raise ValueError("cpu_workers must not be negative (0 picks one from the core count)")
+        if self.max_streams is not None and self.max_streams < 1:
+            raise ValueError("max_streams must be at least 1")
+
+    @property
+    def shed_threshold(self) -> float:
+        return self.shed_after if self.shed_after is not None else self.max_latency / 2
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.cpu_workers or _default_cpu_workers()
