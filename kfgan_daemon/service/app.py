@@ -1,0 +1,238 @@
+"""The HTTP control plane (aiohttp): WebRTC signalling, health, metrics and stream admin.
+
+Routes::
+
+    POST   /offer          {"sdp": ..., "type": "offer"} -> {"sdp": ..., "type": "answer", "session": id}
+    GET    /streams        every live session and its engine streams
+    GET    /streams/{id}   one session
+    DELETE /streams/{id}   hang up one session
+    GET    /healthz        liveness: the event loop answers (no token needed)
+    GET    /readyz         readiness: model loaded and warm, not draining (no token needed)
+    GET    /metrics        Prometheus text format
+
+Every error is JSON, ``{"error": message, "reason": short_code}``, and is
+counted in ``kfgan_http_request_errors_total{route, reason}``.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kfgan_daemon.engine import StreamEngine
+from kfgan_daemon.service.config import Settings
+from kfgan_daemon.service.metrics import ServiceMetrics
+from kfgan_daemon.service.sessions import OfferError, SessionManager
+
+log = logging.getLogger(__name__)
+
+# Probes must work without the token: systemd, Docker and load balancers call them.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class OfferRequest(BaseModel):
+    """The body of ``POST /offer``, as aiortc's and browsers' examples send it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    sdp: str
+    type: Literal["offer"]
+
+
+@dataclass
+class ServiceState:
+    """What the handlers share; the server fills in the engine once the model is warm."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    sessions: SessionManager
+    engine: StreamEngine | None = None
+    status: Literal["starting", "loading", "warming", "ready", "draining", "failed"] = "starting"
+    detail: str | None = None
+    model: dict[str, str] = field(default_factory=dict)
+
+    def set_status(self, status: str, detail: str | None = None) -> None:
+        self.status = status  # type: ignore[assignment]
+        self.detail = detail
+        self.metrics.ready.set(1 if status == "ready" else 0)
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+
+STATE_KEY = web.AppKey("kfgan_state", ServiceState)
+
+
+def error_response(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message, "reason": reason}, status=status, headers=headers)
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+_REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler) -> web.StreamResponse:
+    """JSON for every error, aiohttp's own included, and a count for every request."""
+    metrics = request.app[STATE_KEY].metrics
+    route = _route_name(request)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = _REASONS.get(exc.status, "http_error")
+        response = error_response(exc.status, reason, exc.text or exc.reason, headers=_passed_headers(exc))
+        response.headers["X-Kfgan-Reason"] = reason
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        response = error_response(500, "internal", "internal error; see the daemon's log")
+        response.headers["X-Kfgan-Reason"] = "internal"
+    reason = response.headers.pop("X-Kfgan-Reason", None)
+    if reason is not None:
+        metrics.request_errors.labels(route, reason).inc()
+    metrics.requests.labels(route, request.method, str(response.status)).inc()
+    return response
+
+
+def _passed_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {key: value for key, value in exc.headers.items() if key.lower() in ("allow", "www-authenticate")}
+
+
+@web.middleware
+async def bearer_token(request: web.Request, handler) -> web.StreamResponse:
+    token = request.app[STATE_KEY].settings.token
+    if token is None or request.path in OPEN_PATHS:
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    expected = token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        message = "missing bearer token" if not header else "wrong bearer token"
+        return _tagged(error_response(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer realm="kfgan-daemon"'}), "unauthorized")
+    return await handler(request)
+
+
+def _tagged(response: web.Response, reason: str) -> web.Response:
+    response.headers["X-Kfgan-Reason"] = reason
+    return response
+
+
+def _fail(status: int, reason: str, message: str) -> web.Response:
+    return _tagged(error_response(status, reason, message), reason)
+
+
+# ---- handlers ---------------------------------------------------------------
+
+
+async def offer(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    limit = state.settings.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        state.metrics.offers.labels("rejected").inc()
+        return _fail(413, "too_large", f"request body of {request.content_length} bytes exceeds max_request_bytes={limit}")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        state.metrics.offers.labels("rejected").inc()
+        return _fail(413, "too_large", f"request body exceeds max_request_bytes={limit}")
+    try:
+        payload = OfferRequest.model_validate(json.loads(body))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state.metrics.offers.labels("rejected").inc()
+        return _fail(400, "bad_json", 'the body must be JSON: {"sdp": "...", "type": "offer"}')
+    except ValidationError as exc:
+        state.metrics.offers.labels("rejected").inc()
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        return _fail(400, "bad_offer", f'expected {{"sdp": "...", "type": "offer"}}: {problems}')
+    try:
+        session, answer = await state.sessions.answer(payload.sdp, remote=request.remote)
+    except OfferError as exc:
+        state.metrics.offers.labels("rejected").inc()
+        response = _fail(exc.status, exc.reason, str(exc))
+        if exc.status == 503:
+            response.headers["Retry-After"] = "5"
+        return response
+    state.metrics.offers.labels("answered").inc()
+    state.metrics.sessions.set(len(state.sessions.sessions))
+    return web.json_response(
+        {"sdp": answer.sdp, "type": answer.type, "session": session.id},
+        headers={"Location": f"/streams/{session.id}"},
+    )
+
+
+async def list_streams(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    sessions = [session.describe() for session in state.sessions.sessions.values()]
+    return web.json_response({"sessions": sessions, "max_streams": state.settings.max_streams})
+
+
+async def inspect_stream(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    session = state.sessions.sessions.get(request.match_info["id"])
+    if session is None:
+        return _fail(404, "not_found", f"no live session {request.match_info['id']!r}")
+    return web.json_response(session.describe())
+
+
+async def stop_stream(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    session_id = request.match_info["id"]
+    if not await state.sessions.close(session_id):
+        return _fail(404, "not_found", f"no live session {session_id!r}")
+    state.metrics.sessions.set(len(state.sessions.sessions))
+    return web.json_response({"closed": session_id})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    body: dict[str, Any] = {"status": state.status}
+    if state.detail:
+        body["detail"] = state.detail
+    if state.model:
+        body["model"] = state.model
+    if state.ready:
+        body["streams"] = len(state.sessions.sessions)
+        return web.json_response(body)
+    return web.json_response(body, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[STATE_KEY].metrics.registry
+    response = web.Response(body=generate_latest(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def create_app(state: ServiceState) -> web.Application:
+    """The aiohttp application; bodies above ``max_request_bytes`` are refused with 413."""
+    app = web.Application(
+        client_max_size=state.settings.max_request_bytes,
+        middlewares=[errors_and_metrics, bearer_token],
+    )
+    app[STATE_KEY] = state
+    app.router.add_post("/offer", offer)
+    app.router.add_get("/streams", list_streams)
+    app.router.add_get("/streams/{id}", inspect_stream)
+    app.router.add_delete("/streams/{id}", stop_stream)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,251 @@
+"""The daemon's lifecycle: listen, load and warm the model, serve, drain on SIGTERM, exit 0.
+
+Start-up order: the HTTP server first (``/healthz`` answers and ``/readyz``
+says "loading" meanwhile), then the model is loaded and one batch is run on it
+in a thread, then the streaming engine starts, ``/readyz`` turns ready and
+systemd hears ``READY=1``. On SIGTERM or SIGINT: ``/readyz`` turns 503, new
+offers get 503, live streams hand out the frames they hold (up to
+``drain_timeout``), peers are hung up, the engine stops, and the process exits
+with status 0. Under systemd with ``WatchdogSec=``, ``WATCHDOG=1`` is sent from
+the event loop at half the interval, so a stuck loop gets the unit restarted.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from kfgan_daemon.engine import EngineSettings, StreamEngine, run_async
+from kfgan_daemon.errors import ConfigError, KfganError
+from kfgan_daemon.service.app import ServiceState, create_app
+from kfgan_daemon.service.config import Settings
+from kfgan_daemon.service.logs import configure_logging
+from kfgan_daemon.service.metrics import ServiceMetrics
+from kfgan_daemon.service.sessions import SessionManager
+from kfgan_daemon.service.vcam import VirtualCameraMirror
+
+log = logging.getLogger(__name__)
+
+
+class SystemdNotifier:
+    """sd_notify(3) over ``$NOTIFY_SOCKET``; does nothing when the daemon is not run by systemd."""
+
+    def __init__(self) -> None:
+        self._notifier = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+
+            self._notifier = sdnotify.SystemdNotifier()
+
+    @property
+    def active(self) -> bool:
+        return self._notifier is not None
+
+    def notify(self, state: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify(state)
+
+    @staticmethod
+    def watchdog_interval() -> float | None:
+        """Half of ``$WATCHDOG_USEC`` in seconds when systemd expects pings from this process."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        try:
+            return int(usec) / 2_000_000
+        except ValueError:
+            return None
+
+
+def engine_settings(settings: Settings) -> EngineSettings:
+    return EngineSettings(
+        max_batch=settings.max_batch,
+        max_batch_wait=settings.max_batch_wait_ms / 1000,
+        max_latency=settings.max_latency_ms / 1000,
+        max_streams=settings.max_streams,
+    )
+
+
+def load_generator(settings: Settings):
+    """Open the configured generator and, with ``warmup``, run one batch and load the face models."""
+    from kfgan_daemon.restore import StreamRestorer
+    from kfgan_daemon.restore.model_choice import open_generator
+
+    generator = open_generator(settings.model, variant=settings.variant, device=settings.device, half=settings.half)
+    if settings.warmup:
+        generator.warm_up(batch_size=1)
+        # The first stream would otherwise load dlib's 100 MB shape predictor on the event loop.
+        StreamRestorer(settings.restore_settings())
+    return generator
+
+
+async def run_server(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    on_listening: Callable[[str], None] | None = None,
+    generator_factory: Callable[[Settings], object] = load_generator,
+) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and return.
+
+    ``on_listening`` gets the base URL (``http://host:port``) as soon as the
+    socket is bound, before the model is loaded. ``generator_factory`` builds
+    the batch generator in a thread (tests pass a small one).
+    Raises :class:`~kfgan_daemon.errors.KfganError` (ModelError, ...) when start-up fails.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    notifier = SystemdNotifier()
+    metrics = ServiceMetrics()
+    state: ServiceState | None = None
+
+    def engine_getter() -> StreamEngine | None:
+        return state.engine if state is not None else None
+
+    mirror = VirtualCameraMirror(settings.virtual_camera, settings.virtual_camera_fps, metrics) if settings.virtual_camera else None
+
+    def session_closed(session) -> None:
+        metrics.sessions.set(len(sessions.sessions))
+        if mirror is not None:
+            mirror.release_session(session)
+
+    sessions = SessionManager(
+        settings,
+        engine_getter,
+        on_keyframe_request=metrics.pli_sent.inc,
+        on_frame=mirror.offer if mirror is not None else None,
+        on_session_closed=session_closed,
+    )
+    state = ServiceState(settings=settings, metrics=metrics, sessions=sessions)
+    app = create_app(state)
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=1.0)
+        await site.start()
+        url = _base_url(runner, settings)
+        log.info("listening on %s", url)
+        if on_listening is not None:
+            on_listening(url)
+        interval = SystemdNotifier.watchdog_interval() if settings.watchdog else None
+        if interval is not None and notifier.active:
+            watchdog = loop.create_task(_watchdog(notifier, interval), name="kfgan-watchdog")
+
+        state.set_status("loading", "loading the model")
+        notifier.notify("STATUS=loading the model")
+        started = time.perf_counter()
+        load = loop.run_in_executor(None, generator_factory, settings)
+        stopped = loop.create_task(stop.wait())
+        done, _ = await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if stopped in done:
+            log.info("stop requested while the model was loading")
+            state.set_status("draining", "stop requested during start-up")
+            return
+        stopped.cancel()
+        try:
+            generator = load.result()
+        except KfganError as exc:
+            state.set_status("failed", str(exc))
+            raise
+        state.model = _model_description(settings, generator)
+        metrics.model.info(state.model)
+        engine = StreamEngine(generator, engine_settings(settings), registry=metrics.registry)
+        await engine.start()
+        state.engine = engine
+        state.set_status("ready")
+        log.info("ready in %.1f s (model %s on %s)", time.perf_counter() - started, state.model.get("path"), settings.device)
+        notifier.notify(f"READY=1\nSTATUS=serving on {url}")
+
+        await stop.wait()
+        log.info("stopping: draining %d session(s) for up to %.1f s", len(sessions.sessions), settings.drain_timeout)
+        notifier.notify("STOPPING=1")
+        state.set_status("draining", "shutting down")
+        sessions.stop_accepting()
+        await sessions.close_all(drain=True, timeout=settings.drain_timeout)
+        await engine.stop(drain=False)
+    finally:
+        sessions.stop_accepting()
+        await sessions.close_all(drain=False)
+        if state.engine is not None and state.engine.running:
+            await state.engine.stop(drain=False)
+        if mirror is not None:
+            mirror.close()
+        if watchdog is not None:
+            watchdog.cancel()
+        await runner.cleanup()
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        log.info("stopped")
+
+
+async def _watchdog(notifier: SystemdNotifier, interval: float) -> None:
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def _base_url(runner: web.AppRunner, settings: Settings) -> str:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            host = address[0]
+            return f"http://[{host}]:{address[1]}" if ":" in host else f"http://{host}:{address[1]}"
+    return f"http://{settings.host}:{settings.port}"
+
+
+def _model_description(settings: Settings, generator: object) -> dict[str, str]:
+    module = getattr(generator, "module", None)
+    parameters = sum(p.numel() for p in module.parameters()) if module is not None else 0
+    return {
+        "path": str(settings.model) if settings.model is not None else "default",
+        "architecture": type(module).__name__ if module is not None else type(generator).__name__,
+        "parameters": str(parameters),
+        "device": settings.device,
+        "dtype": "float16" if settings.half else "float32",
+    }
+
+
+def serve(settings: Settings) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (``kfgan-daemon serve``).
+
+    Raises :class:`~kfgan_daemon.errors.KfganError` when start-up fails (the
+    CLI prints it and exits non-zero).
+    """
+    configure_logging(settings.log_level, settings.log_format)
+    run_async(run_server(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kfgan_daemon.service.server [--config PATH] [--host H] [--port N]``."""
+    parser = argparse.ArgumentParser(prog="python -m kfgan_daemon.service.server", description=serve.__doc__)
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--host", help="address to bind (overrides the file and KFGAN_HOST)")
+    parser.add_argument("--port", type=int, help="port to bind (overrides the file and KFGAN_PORT)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.load(args.config, host=args.host, port=args.port)
+        serve(settings)
+    except ConfigError as exc:
+        print(f"kfgan-daemon: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except KfganError as exc:
+        print(f"kfgan-daemon: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""WebRTC sessions: one RTCPeerConnection per offer, each incoming video sent back restored."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+)
+from aiortc.contrib.media import MediaBlackhole
+from aiortc.sdp import SessionDescription
+
+from kfgan_daemon.engine import Outcome, StreamEngine
+from kfgan_daemon.errors import EngineError, KfganError
+from kfgan_daemon.service.config import Settings
+from kfgan_daemon.webrtc import RestoredVideoTrack
+
+log = logging.getLogger(__name__)
+
+# A peer that has not connected this long after its offer was answered is
+# abandoned, so that offers alone cannot hold streams forever.
+CONNECT_TIMEOUT = 30.0
+
+
+class OfferError(KfganError):
+    """An offer that cannot be answered; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int = 400, reason: str = "bad_offer") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class PeerSession:
+    """One peer connection and the restored tracks it sends back."""
+
+    id: str
+    pc: RTCPeerConnection
+    remote: str | None
+    created_at: float = field(default_factory=time.time)
+    tracks: list[RestoredVideoTrack] = field(default_factory=list)
+    sinks: list[MediaBlackhole] = field(default_factory=list)
+    closed: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        streams = []
+        for track in self.tracks:
+            info = track.stream.info().to_dict() if track.stream is not None else {"id": track.stream_id}
+            requester = track.keyframe_requester
+            info["frames_in"] = track.frames_in
+            info["frames_out"] = track.frames_out
+            info["pli_sent"] = requester.sent if requester is not None else 0
+            streams.append(info)
+        return {
+            "id": self.id,
+            "remote": self.remote,
+            "created_at": self.created_at,
+            "connection_state": self.pc.connectionState,
+            "codecs": _negotiated_codecs(self.pc),
+            "streams": streams,
+        }
+
+
+class SessionManager:
+    """Answers offers and owns the resulting peer connections."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine_getter: Callable[[], StreamEngine | None],
+        *,
+        on_keyframe_request: Callable[[], None] | None = None,
+        on_frame: Callable[[RestoredVideoTrack, Any, Outcome], None] | None = None,
+        on_session_closed: Callable[[PeerSession], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._engine = engine_getter
+        self._on_keyframe_request = on_keyframe_request
+        self._on_frame = on_frame
+        self._on_session_closed = on_session_closed
+        self.sessions: dict[str, PeerSession] = {}
+        self._ids = itertools.count(1)
+        self._accepting = True
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def _configuration(self) -> RTCConfiguration:
+        return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in self.settings.stun_servers])
+
+    async def answer(self, sdp: str, remote: str | None = None) -> tuple[PeerSession, RTCSessionDescription]:
+        """Answer one offer; raises :class:`OfferError` with the HTTP status to return."""
+        if not self._accepting:
+            raise OfferError("the daemon is shutting down", status=503, reason="draining")
+        engine = self._engine()
+        if engine is None or not engine.running:
+            raise OfferError("the model is still loading; retry when /readyz says ready", status=503, reason="not_ready")
+        if len(self.sessions) >= self.settings.max_streams:
+            raise OfferError(
+                f"{self.settings.max_streams} streams are live already (max_streams)", status=503, reason="capacity"
+            )
+        video_sections = _video_sections(sdp)
+        if video_sections > self.settings.max_streams - len(self.sessions):
+            raise OfferError(
+                f"the offer has {video_sections} video tracks, more than the {self.settings.max_streams} streams "
+                f"allowed", status=503, reason="capacity",
+            )
+
+        session = PeerSession(id=f"s{next(self._ids)}", pc=RTCPeerConnection(self._configuration()), remote=remote)
+        self.sessions[session.id] = session
+        failures: list[Exception] = []
+
+        @session.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind != "video":
+                # Nobody reads it otherwise, and aiortc's receive queue is unbounded.
+                sink = MediaBlackhole()
+                sink.addTrack(track)
+                session.sinks.append(sink)
+                self._spawn(sink.start())
+                return
+            try:
+                restored = self._restored_track(session, track, engine)
+            except EngineError as exc:
+                failures.append(exc)
+                return
+            session.tracks.append(restored)
+            session.pc.addTrack(restored)
+
+        @session.pc.on("connectionstatechange")
+        async def on_state() -> None:
+            state = session.pc.connectionState
+            log.info("session %s: connection %s", session.id, state)
+            if state in ("failed", "closed"):
+                await self.close(session.id)
+
+        try:
+            await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            if failures:
+                raise OfferError(str(failures[0]), status=503, reason="capacity")
+            answer = await session.pc.createAnswer()
+            await session.pc.setLocalDescription(answer)
+        except OfferError:
+            await self.close(session.id)
+            raise
+        except Exception as exc:  # aiortc raises ValueError, AssertionError, ... on bad SDP
+            await self.close(session.id)
+            raise OfferError(f"the offer's SDP was rejected: {_describe(exc)}", reason="bad_sdp") from None
+        self._spawn(self._reap_if_unconnected(session))
+        log.info("session %s: answered offer from %s with %d video track(s)", session.id, remote, len(session.tracks))
+        return session, session.pc.localDescription
+
+    def _restored_track(self, session: PeerSession, track: MediaStreamTrack, engine: StreamEngine) -> RestoredVideoTrack:
+        receiver = _receiver_of(session.pc, track)
+        restored = RestoredVideoTrack(
+            track,
+            engine,
+            stream_id=f"{session.id}-v{len(session.tracks) + 1}",
+            policy=self.settings.overload_policy,
+            restore_settings=self.settings.restore_settings(),
+            receiver=receiver,
+            pli_interval=self.settings.pli_interval,
+            on_keyframe_request=self._on_keyframe_request,
+            on_frame=None if self._on_frame is None else (lambda frame, outcome: self._on_frame(restored, frame, outcome)),
+        )
+        restored.open()
+        return restored
+
+    async def close(self, session_id: str, drain: bool = False, timeout: float | None = None) -> bool:
+        """Close a session; False when there is none with this id."""
+        session = self.sessions.pop(session_id, None)
+        if session is None or session.closed:
+            return False
+        session.closed = True
+        await asyncio.gather(*(track.aclose(drain=drain, timeout=timeout) for track in session.tracks),
+                             return_exceptions=True)
+        await asyncio.gather(*(sink.stop() for sink in session.sinks), return_exceptions=True)
+        await session.pc.close()
+        if self._on_session_closed is not None:
+            self._on_session_closed(session)
+        log.info("session %s: closed", session.id)
+        return True
+
+    async def close_all(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Close every session; with ``drain``, frames already in the engine are still sent first."""
+        await asyncio.gather(*(self.close(sid, drain=drain, timeout=timeout) for sid in list(self.sessions)),
+                             return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _reap_if_unconnected(self, session: PeerSession) -> None:
+        await asyncio.sleep(CONNECT_TIMEOUT)
+        if not session.closed and session.pc.connectionState != "connected":
+            log.warning("session %s: not connected after %.0f s, closing it", session.id, CONNECT_TIMEOUT)
+            await self.close(session.id)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _video_sections(sdp: str) -> int:
+    """Count the offer's video sections, rejecting text that is not an SDP offer at all."""
+    if not sdp.lstrip().startswith("v=0"):
+        raise OfferError("the offer's SDP must start with v=0", reason="bad_sdp")
+    try:
+        description = SessionDescription.parse(sdp)
+    except Exception as exc:
+        raise OfferError(f"the offer's SDP cannot be parsed: {_describe(exc)}", reason="bad_sdp") from None
+    count = sum(1 for media in description.media if media.kind == "video")
+    if count == 0:
+        raise OfferError("the offer has no video section; send at least one video track", reason="no_video")
+    return count
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _receiver_of(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtpReceiver | None:
+    for transceiver in pc.getTransceivers():
+        if transceiver.receiver.track is track:
+            return transceiver.receiver
+    return None
+
+
+def _negotiated_codecs(pc: RTCPeerConnection) -> list[str]:
+    """The codec each video section was answered with (the first one listed in our answer)."""
+    if pc.localDescription is None:
+        return []
+    description = SessionDescription.parse(pc.localDescription.sdp)
+    return [media.rtp.codecs[0].mimeType for media in description.media if media.kind == "video" and media.rtp.codecs]

@@ -1,0 +1,254 @@
+"""A track transformer for aiortc: wrap a remote video track, get a track of restored frames.
+
+Usage in any aiortc application::
+
+    @pc.on("track")
+    def on_track(track):
+        if track.kind == "video":
+            receiver = next(t.receiver for t in pc.getTransceivers() if t.receiver.track is track)
+            pc.addTrack(RestoredVideoTrack(track, engine, receiver=receiver))
+
+A pump task reads the remote track as fast as frames arrive (aiortc's receive
+queue is unbounded, so nothing may lag behind it), tags each picture's I-frame
+flag and submits it to a real-time engine stream. ``recv()`` returns the
+engine's output in order, with the input's pts and time base; frames the engine
+could not restore in time come out unrestored or not at all, by the stream's
+overload policy. When the stream's keyframe store is empty or far from the
+current pose, the sender is asked for a new keyframe with an RTCP PLI.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+import av
+from aiortc import MediaStreamTrack, RTCRtpReceiver
+from aiortc.mediastreams import MediaStreamError
+
+from kfgan_daemon.engine import LiveStream, Outcome, StreamEngine, StreamOutput
+from kfgan_daemon.engine.settings import OverloadPolicy
+from kfgan_daemon.errors import StreamClosedError
+from kfgan_daemon.media.conversion import colorspace_name, is_intra_picture, to_decoded_frame, yuv420_frame
+from kfgan_daemon.media.frame import DecodedFrame
+from kfgan_daemon.webrtc import keyframe_flag
+from kfgan_daemon.webrtc.pli import KeyframeRequester
+
+log = logging.getLogger(__name__)
+
+# Seconds a closing stream may take to hand out the frames it already holds.
+_CLOSE_DRAIN_TIMEOUT = 2.0
+# Recent keyframe arrival times kept for inspection (PLI round trips).
+_KEYFRAME_HISTORY = 32
+
+
+class RestoredVideoTrack(MediaStreamTrack):
+    """A video track whose frames are ``source``'s frames with the speaker's face restored.
+
+    ``engine`` must be started. The engine stream is opened by :meth:`open`
+    (or on the first ``recv()``); pass ``restorer`` to supply the stream's
+    :class:`~kfgan_daemon.restore.StreamRestorer`, else one is built from
+    ``restore_settings``. ``receiver`` is the :class:`RTCRtpReceiver` that
+    ``source`` comes from; without it no PLIs are sent. ``on_frame`` sees every
+    frame this track hands out (e.g. to mirror it to a virtual camera).
+    """
+
+    kind = "video"
+
+    def __init__(
+        self,
+        source: MediaStreamTrack,
+        engine: StreamEngine,
+        *,
+        stream_id: str | None = None,
+        policy: OverloadPolicy = "passthrough",
+        restore_settings=None,
+        restorer=None,
+        receiver: RTCRtpReceiver | None = None,
+        pli_interval: float = 1.0,
+        on_frame: Callable[[av.VideoFrame, Outcome], None] | None = None,
+        on_keyframe_request: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        if source.kind != "video":
+            raise ValueError(f"RestoredVideoTrack needs a video track, got a {source.kind} track")
+        keyframe_flag.install()
+        self.source = source
+        self.engine = engine
+        self.policy = policy
+        self.keyframe_requester = (
+            KeyframeRequester(receiver, min_interval=pli_interval) if receiver is not None else None
+        )
+        self.keyframe_arrivals: deque[float] = deque(maxlen=_KEYFRAME_HISTORY)
+        self.frames_in = 0
+        self.frames_out = 0
+        self._stream_id = stream_id
+        self._restore_settings = restore_settings
+        self._restorer = restorer
+        self._on_frame = on_frame
+        self._on_keyframe_request = on_keyframe_request
+        self._stream: LiveStream | None = None
+        self._pump: asyncio.Task[None] | None = None
+        # Input pictures by frame index until their output leaves, so that a
+        # frame sent unrestored goes out as the very picture that came in.
+        self._inputs: OrderedDict[int, av.VideoFrame] = OrderedDict()
+        self._closing: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------
+
+    @property
+    def stream(self) -> LiveStream | None:
+        """The engine stream, once started."""
+        return self._stream
+
+    @property
+    def stream_id(self) -> str | None:
+        return self._stream.id if self._stream is not None else self._stream_id
+
+    def open(self) -> LiveStream:
+        """Open the engine stream and start reading the source. Idempotent; call inside the event loop.
+
+        Raises :class:`~kfgan_daemon.errors.EngineError` when the engine refuses
+        the stream (not started, too many streams).
+        """
+        if self._stream is None:
+            if self.readyState != "live":
+                raise MediaStreamError
+            self._stream = self.engine.open_stream(
+                self._stream_id,
+                policy=self.policy,
+                realtime=True,
+                restore_settings=self._restore_settings,
+                restorer=self._restorer,
+            )
+            self._pump = asyncio.get_running_loop().create_task(
+                self._pump_source(self._stream), name=f"kfgan-webrtc-{self._stream.id}-pump"
+            )
+        return self._stream
+
+    def stop(self) -> None:
+        """End this track at once: stop reading the source and close the engine stream."""
+        if self.readyState == "ended":
+            return
+        super().stop()
+        if self._pump is not None:
+            self._pump.cancel()
+        if self._stream is not None and self._closing is None:
+            self._closing = asyncio.ensure_future(self._stream.close(drain=False))
+
+    async def aclose(self, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop reading the source and close the engine stream, waiting until it has.
+
+        With ``drain`` the frames already in the engine are still handed out to
+        ``recv()`` (for up to ``timeout`` seconds) before the track ends.
+        """
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        if drain and self._stream is not None and self._closing is None:
+            self._closing = asyncio.ensure_future(self._stream.close(drain=True, timeout=timeout))
+        self.stop()
+        if self._closing is not None:
+            await self._closing
+
+    # ---- MediaStreamTrack ---------------------------------------------------
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        stream = self.open()
+        try:
+            output = await stream.next_output()
+        except StreamClosedError:
+            self.stop()
+            raise MediaStreamError from None
+        frame = await self._to_video_frame(output)
+        self.frames_out += 1
+        if self._on_frame is not None:
+            try:
+                self._on_frame(frame, output.outcome)
+            except Exception:  # an observer must never take the call down
+                log.exception("stream %s: on_frame callback failed", stream.id)
+        return frame
+
+    # ---- source side --------------------------------------------------------
+
+    async def _pump_source(self, stream: LiveStream) -> None:
+        loop = asyncio.get_running_loop()
+        index = 0
+        try:
+            while True:
+                try:
+                    picture = await self.source.recv()
+                except MediaStreamError:
+                    log.info("stream %s: the remote track ended", stream.id)
+                    break
+                arrival = time.monotonic()
+                if not isinstance(picture, av.VideoFrame):
+                    continue
+                keyframe = is_intra_picture(picture)
+                if keyframe:
+                    self.keyframe_arrivals.append(arrival)
+                decoded = await loop.run_in_executor(None, _decode, picture, index, keyframe)
+                self._inputs[index] = picture
+                index += 1
+                self.frames_in += 1
+                await stream.submit(decoded, arrival=arrival)
+                if stream.needs_keyframe:
+                    await self._request_keyframe()
+        except StreamClosedError:
+            return
+        # The sender is gone: let the frames already in the engine come out, then end.
+        await stream.close(drain=True, timeout=_CLOSE_DRAIN_TIMEOUT)
+
+    async def _request_keyframe(self) -> None:
+        requester = self.keyframe_requester
+        if requester is None or not requester.ready():
+            return
+        try:
+            sent = await requester.request()
+        except Exception as exc:  # a failed RTCP send must not stop the media
+            log.warning("stream %s: keyframe request failed: %r", self.stream_id, exc)
+            return
+        if sent and self._on_keyframe_request is not None:
+            self._on_keyframe_request()
+
+    # ---- sink side ----------------------------------------------------------
+
+    async def _to_video_frame(self, output: StreamOutput) -> av.VideoFrame:
+        original = self._take_input(output.frame.index)
+        if original is None:
+            # Not ours (a restorer that renumbers frames): build from the data.
+            return await asyncio.get_running_loop().run_in_executor(None, _encode, output.frame, None)
+        if output.outcome is not Outcome.RESTORED:
+            return original
+        return await asyncio.get_running_loop().run_in_executor(None, _encode, output.frame, original)
+
+    def _take_input(self, index: int) -> av.VideoFrame | None:
+        # Frames the engine dropped never come out: forget every input up to this one.
+        while self._inputs:
+            first, picture = next(iter(self._inputs.items()))
+            if first > index:
+                return None
+            del self._inputs[first]
+            if first == index:
+                return picture
+        return None
+
+
+def _decode(picture: av.VideoFrame, index: int, keyframe: bool) -> DecodedFrame:
+    return to_decoded_frame(picture, index, is_keyframe=keyframe)
+
+
+def _encode(frame: DecodedFrame, original: av.VideoFrame | None) -> av.VideoFrame:
+    colorspace = colorspace_name(original) if original is not None else None
+    picture = yuv420_frame(frame.image, colorspace)
+    if original is not None:
+        picture.pts = original.pts
+        picture.time_base = original.time_base
+    else:
+        picture.pts = frame.pts
+        picture.time_base = frame.time_base
+    return picture
