@@ -1,0 +1,400 @@
+"""Receiving an H.264 RTP stream over UDP (asyncio) as decoded, keyframe-tagged frames.
+
+The socket is read directly (no PyAV SDP demuxer, which holds every picture
+back one frame interval): each access unit is decoded as soon as its marker
+bit arrives. Decoding runs on one worker thread so that the event loop keeps
+draining the socket.
+
+Per packet: parse (malformed or truncated packets are counted and dropped),
+reorder (``ReorderBuffer``), depacketize (``H264Depacketizer``), decode
+(``H264AccessUnitDecoder``: start-up waits for an intact intra picture, loss is
+concealed or waited out per ``loss_policy``). Frames are delivered in order
+through ``async for frame in receiver``; when the consumer falls more than
+``max_queued_frames`` behind, the oldest queued frame that is not a keyframe
+is dropped (counted), so nothing queues without bound.
+
+A sender that goes quiet for ``silence_timeout`` seconds moves the receiver
+to ``ReceiverState.SILENT`` (a status event); when packets come back it
+resumes, and if they come from a new SSRC (a restarted sender) it starts over
+from that sender's next keyframe, with pts continuing after the last frame.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from kfgan_daemon.errors import InputError, RtpPacketError
+from kfgan_daemon.media.frame import DecodedFrame
+from kfgan_daemon.media.rtp.decoder import H264AccessUnitDecoder, LossPolicy
+from kfgan_daemon.media.rtp.h264 import AccessUnit, H264Depacketizer
+from kfgan_daemon.media.rtp.jitterbuffer import ReorderBuffer
+from kfgan_daemon.media.rtp.packet import RtpPacket, is_rtcp
+from kfgan_daemon.media.rtp.sdp import H264SessionDescription, parse_sdp
+
+log = logging.getLogger(__name__)
+
+_RECEIVE_BUFFER_BYTES = 4 << 20
+_RESET = object()  # queued between access units when the decoder must start over
+
+
+class ReceiverState(str, enum.Enum):
+    WAITING = "waiting"  # no packet yet
+    STARTING = "starting"  # packets arrive, no keyframe decoded yet
+    RECEIVING = "receiving"
+    SILENT = "silent"  # no packet for silence_timeout seconds
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverStatus:
+    state: ReceiverState
+    detail: str
+    at: float  # event loop time
+
+
+@dataclass(frozen=True, slots=True)
+class RtpReceiverStats:
+    """Counters since start; a snapshot, cheap to take."""
+
+    packets_received: int
+    bytes_received: int
+    packets_malformed: int  # truncated or malformed RTP packets or H.264 payloads
+    packets_lost: int
+    packets_late: int  # arrived after their place was given up, or duplicated
+    packets_ignored: int  # RTCP, other payload types, other SSRCs
+    access_units: int
+    access_units_incomplete: int
+    access_units_dropped: int  # before the first keyframe, by the loss policy, or on decoder overload
+    decode_errors: int
+    frames_decoded: int
+    frames_damaged: int
+    keyframes: int
+    frames_dropped: int  # consumer too slow
+    silences: int
+    source_changes: int
+
+
+class _TimestampUnwrapper:
+    """32-bit RTP timestamps to a continuous pts starting at 0."""
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+        self._pts = 0
+
+    def __call__(self, timestamp: int) -> int:
+        if self._last is not None:
+            self._pts += ((timestamp - self._last + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+        self._last = timestamp
+        return self._pts
+
+    def restart_after(self, pts: int) -> None:
+        """The next timestamp (of a new sender) maps to ``pts``."""
+        self._last = None
+        self._pts = pts
+
+
+class _RtpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, receiver: "RtpReceiver") -> None:
+        self._receiver = receiver
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self._receiver._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("RTP socket error: %s", exc)
+
+
+class RtpReceiver:
+    """Async iterator of :class:`DecodedFrame` (pts in 1/90000 s) from one H.264 RTP stream."""
+
+    def __init__(
+        self,
+        description: H264SessionDescription,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        loss_policy: LossPolicy = "conceal",
+        silence_timeout: float = 2.0,
+        reorder_delay: float = 0.03,
+        max_queued_frames: int = 8,
+        max_queued_access_units: int = 30,
+        on_status: Callable[[ReceiverStatus], None] | None = None,
+    ) -> None:
+        self.description = description
+        self.host = description.address if host is None else host
+        self.port = description.port if port is None else port
+        self.silence_timeout = silence_timeout
+        self.max_queued_frames = max_queued_frames
+        self.max_queued_access_units = max_queued_access_units
+        self.on_status = on_status
+        self.sender_address: tuple | None = None
+        self._reorder = ReorderBuffer(max_delay=reorder_delay)
+        self._depacketizer = H264Depacketizer()
+        self._decoder = H264AccessUnitDecoder(description.sprop_parameter_sets, loss_policy=loss_policy)
+        self._timestamps = _TimestampUnwrapper()
+        self._state = ReceiverState.WAITING
+        self._counts = dict.fromkeys(
+            ("packets", "bytes", "malformed", "ignored", "overload_dropped", "frames_dropped", "silences", "sources"), 0
+        )
+        self._ssrc: int | None = None
+        self._last_packet_at = 0.0
+        self._last_pts: int | None = None
+        self._frame_interval = 90000 // int(description.frame_rate or 30)
+        self._units: asyncio.Queue = asyncio.Queue()
+        self._resync = False
+        self._decoder_reset_pending = False
+        self._frames: deque[DecodedFrame] = deque()
+        self._frame_ready = asyncio.Event()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtp-decode")
+        self._closed = False
+
+    @classmethod
+    def from_sdp(cls, sdp: str | os.PathLike[str], **options: object) -> "RtpReceiver":
+        """From SDP text (a string holding a line break) or the path of an .sdp file."""
+        if isinstance(sdp, str) and "\n" in sdp:
+            return cls(parse_sdp(sdp), **options)
+        path = Path(sdp)
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read the SDP file ({exc.strerror or exc})") from exc
+        return cls(parse_sdp(text), **options)
+
+    # -- lifetime -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: _RtpProtocol(self), local_addr=(self.host, self.port)
+            )
+        except OSError as exc:
+            raise InputError(
+                f"cannot listen for RTP on {self.host}:{self.port} ({exc.strerror or exc}); "
+                "is another program using the port, or is the SDP's address not one of this host's?"
+            ) from exc
+        sock = self._transport.get_extra_info("socket")
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER_BYTES)
+        except OSError:
+            log.debug("could not enlarge the RTP receive buffer")
+        self.host, self.port = sock.getsockname()[:2]
+        self._last_packet_at = loop.time()
+        self._tasks = [
+            asyncio.create_task(self._decode_loop(), name="rtp-decode"),
+            asyncio.create_task(self._watch_silence(), name="rtp-silence"),
+        ]
+        log.info("receiving H.264 RTP on %s:%d (payload type %d)", self.host, self.port, self.description.payload_type)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._set_state(ReceiverState.CLOSED, "closed")
+        self._frame_ready.set()
+
+    async def __aenter__(self) -> "RtpReceiver":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- consumer side ------------------------------------------------------------
+
+    def __aiter__(self) -> "RtpReceiver":
+        return self
+
+    async def __anext__(self) -> DecodedFrame:
+        while not self._frames:
+            if self._closed:
+                raise StopAsyncIteration
+            self._frame_ready.clear()
+            await self._frame_ready.wait()
+        return self._frames.popleft()
+
+    @property
+    def state(self) -> ReceiverState:
+        return self._state
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    @property
+    def stats(self) -> RtpReceiverStats:
+        reorder, depacketizer, decoder = self._reorder.stats, self._depacketizer.stats, self._decoder.stats
+        return RtpReceiverStats(
+            packets_received=self._counts["packets"],
+            bytes_received=self._counts["bytes"],
+            packets_malformed=self._counts["malformed"] + depacketizer.malformed_payloads,
+            packets_lost=reorder.lost,
+            packets_late=reorder.late + reorder.duplicates,
+            packets_ignored=self._counts["ignored"],
+            access_units=depacketizer.access_units,
+            access_units_incomplete=depacketizer.incomplete,
+            access_units_dropped=decoder.dropped_waiting_keyframe + self._counts["overload_dropped"],
+            decode_errors=decoder.decode_errors,
+            frames_decoded=decoder.frames,
+            frames_damaged=decoder.damaged_frames,
+            keyframes=decoder.keyframes,
+            frames_dropped=self._counts["frames_dropped"],
+            silences=self._counts["silences"],
+            source_changes=self._counts["sources"],
+        )
+
+    # -- network side -------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes, addr: tuple) -> None:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._counts["packets"] += 1
+        self._counts["bytes"] += len(data)
+        if is_rtcp(data):
+            self._counts["ignored"] += 1
+            return
+        try:
+            packet = RtpPacket.parse(data)
+        except RtpPacketError as exc:
+            self._counts["malformed"] += 1
+            log.debug("dropped a packet from %s: %s", addr, exc)
+            return
+        if packet.payload_type != self.description.payload_type:
+            self._counts["ignored"] += 1
+            return
+        if packet.ssrc != self._ssrc:
+            if self._ssrc is not None and self._state != ReceiverState.SILENT:
+                self._counts["ignored"] += 1  # a second sender while the first one talks
+                return
+            self._adopt_source(packet.ssrc, addr)
+        self._last_packet_at = now
+        if self._state in (ReceiverState.WAITING, ReceiverState.SILENT):
+            if self._decoder_started():
+                self._set_state(ReceiverState.RECEIVING, f"packets from {addr[0]}:{addr[1]} again")
+            else:
+                self._set_state(ReceiverState.STARTING, f"packets from {addr[0]}:{addr[1]}; waiting for a keyframe")
+        self._depacketize(self._reorder.push(packet, now))
+        self._schedule_expiry()
+
+    def _adopt_source(self, ssrc: int, addr: tuple) -> None:
+        if self._ssrc is not None:
+            self._counts["sources"] += 1
+            log.info("new RTP sender %08x from %s; waiting for its keyframe", ssrc, addr)
+            self._reorder.reset()
+            self._depacketizer.reset()
+            self._timestamps.restart_after((self._last_pts or 0) + self._frame_interval)
+            self._units.put_nowait(_RESET)
+            self._decoder_reset_pending = True
+        self._ssrc = ssrc
+        self.sender_address = addr
+
+    def _decoder_started(self) -> bool:
+        return not self._decoder.waiting_for_keyframe and not self._decoder_reset_pending
+
+    def _depacketize(self, packets: list[RtpPacket]) -> None:
+        for packet in packets:
+            for unit in self._depacketizer.push(packet):
+                self._enqueue(unit)
+
+    def _enqueue(self, unit: AccessUnit) -> None:
+        pts = self._timestamps(unit.timestamp)
+        if self._units.qsize() >= self.max_queued_access_units:
+            # Decoding cannot keep up: drop the backlog and restart at the next keyframe.
+            while not self._units.empty():
+                if self._units.get_nowait() is not _RESET:
+                    self._counts["overload_dropped"] += 1
+            self._resync = True
+            log.warning("RTP decoder overloaded; dropped the backlog, waiting for a keyframe")
+        self._units.put_nowait((unit, pts))
+
+    def _schedule_expiry(self) -> None:
+        deadline = self._reorder.deadline
+        if deadline is None:
+            return
+        if self._expiry is not None:
+            if self._expiry.when() <= deadline:
+                return
+            self._expiry.cancel()
+        self._expiry = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        self._depacketize(self._reorder.expire(asyncio.get_running_loop().time()))
+        self._schedule_expiry()
+
+    # -- decoding -----------------------------------------------------------------
+
+    async def _decode_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await self._units.get()
+            if item is _RESET:
+                await loop.run_in_executor(self._executor, self._decoder.reset)
+                self._decoder_reset_pending = False
+                continue
+            if self._resync:
+                self._resync = False
+                self._decoder.waiting_for_keyframe = True
+            unit, pts = item
+            frames = await loop.run_in_executor(self._executor, self._decoder.decode, unit, pts)
+            for frame in frames:
+                self._deliver(frame)
+            if frames and self._state == ReceiverState.STARTING:
+                self._set_state(ReceiverState.RECEIVING, "first keyframe decoded")
+
+    def _deliver(self, frame: DecodedFrame) -> None:
+        self._last_pts = frame.pts
+        if len(self._frames) >= self.max_queued_frames:
+            victim = next((queued for queued in self._frames if not queued.is_keyframe), self._frames[0])
+            self._frames.remove(victim)
+            self._counts["frames_dropped"] += 1
+        self._frames.append(frame)
+        self._frame_ready.set()
+
+    # -- silence ------------------------------------------------------------------
+
+    async def _watch_silence(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = min(self.silence_timeout / 4, 0.25)
+        while True:
+            await asyncio.sleep(interval)
+            quiet = loop.time() - self._last_packet_at
+            if self._state in (ReceiverState.STARTING, ReceiverState.RECEIVING) and quiet >= self.silence_timeout:
+                self._depacketize(self._reorder.expire(float("inf")))
+                for unit in self._depacketizer.flush():
+                    self._enqueue(unit)
+                self._counts["silences"] += 1
+                self._set_state(ReceiverState.SILENT, f"no RTP packet for {quiet:.1f} s")
+
+    def _set_state(self, state: ReceiverState, detail: str) -> None:
+        if state == self._state:
+            return
+        self._state = state
+        status = ReceiverStatus(state, detail, asyncio.get_running_loop().time())
+        log.info("RTP receiver %s:%d %s: %s", self.host, self.port, state.value, detail)
+        if self.on_status is not None:
+            try:
+                self.on_status(status)
+            except Exception:
+                log.exception("RTP receiver status callback failed")

@@ -1,0 +1,235 @@
+"""Encoding frames with libx264 for low latency and sending them as H.264 RTP over UDP.
+
+The encoder is tuned for live use: ``tune=zerolatency`` (no lookahead, no frame
+held back), no B-frames, a fixed maximum GOP, CRF or a bitrate with a small
+VBV buffer. Parameter sets are repeated before every IDR so that a receiver can
+join at any keyframe, and also kept for the SDP's sprop-parameter-sets.
+RTP timestamps are the frames' pts at 90 kHz (plus a random offset, RFC 3550).
+
+``send`` is synchronous and non-blocking (a plain UDP socket): call it from the
+event loop for small frames, or from a worker thread, but from one thread at a time.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import av.error
+from av.codec.context import Flags
+from av.video.frame import PictureType
+
+from kfgan_daemon.errors import OutputError
+from kfgan_daemon.media.bitstream import NalType, nal_type, split_annexb
+from kfgan_daemon.media.conversion import check_colorspace, tag_colorspace, yuv420_frame
+from kfgan_daemon.media.frame import DecodedFrame
+from kfgan_daemon.media.rtp.decoder import RTP_VIDEO_TIME_BASE
+from kfgan_daemon.media.rtp.h264 import DEFAULT_MTU, H264Packetizer
+from kfgan_daemon.media.rtp.sdp import H264SessionDescription
+from kfgan_daemon.media.source import ffmpeg_reason
+
+log = logging.getLogger(__name__)
+
+_SEND_BUFFER_BYTES = 4 << 20
+
+
+@dataclass(slots=True)
+class RtpSenderStats:
+    frames_sent: int = 0
+    keyframes_sent: int = 0
+    packets_sent: int = 0
+    bytes_sent: int = 0
+    packets_dropped: int = 0  # the socket buffer was full or the network refused them
+
+
+class RtpSender:
+    """One H.264 RTP stream to ``host:port``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        width: int,
+        height: int,
+        frame_rate: Fraction | int | float,
+        *,
+        crf: int = 23,
+        bitrate: int | None = None,
+        gop: int | None = None,
+        preset: str = "veryfast",
+        tune: str = "zerolatency",
+        payload_type: int = 96,
+        mtu: int = DEFAULT_MTU,
+        ssrc: int | None = None,
+        colorspace: str | None = None,
+        x264_options: Mapping[str, str] | None = None,
+    ) -> None:
+        check_colorspace(colorspace)
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise OutputError(f"rtp://{host}:{port}: H.264 output needs an even, positive size, not {width}x{height}")
+        self.host = host
+        self.port = port
+        self.width = width
+        self.height = height
+        self.frame_rate = Fraction(frame_rate).limit_denominator(1001000)
+        self.gop = gop if gop is not None else max(1, round(2 * self.frame_rate))
+        self.colorspace = colorspace
+        self.stats = RtpSenderStats()
+        self._packetizer = H264Packetizer(payload_type=payload_type, ssrc=ssrc, mtu=mtu)
+        self._timestamp_offset = secrets.randbits(32)
+        self._last_pts: int | None = None
+        self._force_keyframe = False
+        self._encoder = self._open_encoder(crf, bitrate, preset, tune, x264_options)
+        self._parameter_sets = [unit for unit in split_annexb(bytes(self._encoder.extradata or b""))
+                                if nal_type(unit) in (NalType.SPS, NalType.PPS)]
+        self._socket = self._open_socket()
+
+    def _open_encoder(
+        self,
+        crf: int,
+        bitrate: int | None,
+        preset: str,
+        tune: str,
+        x264_options: Mapping[str, str] | None,
+    ) -> av.CodecContext:
+        encoder = av.CodecContext.create("libx264", "w")
+        encoder.width = self.width
+        encoder.height = self.height
+        encoder.pix_fmt = "yuv420p"
+        encoder.time_base = RTP_VIDEO_TIME_BASE
+        encoder.framerate = self.frame_rate
+        encoder.gop_size = self.gop
+        encoder.max_b_frames = 0
+        # Global header: SPS/PPS available at once for the SDP; repeat-headers keeps them in-band too.
+        encoder.flags |= Flags.global_header
+        options = {"preset": preset, "tune": tune}
+        if bitrate is not None:
+            encoder.bit_rate = int(bitrate)
+            options["maxrate"] = str(int(bitrate))
+            options["bufsize"] = str(int(bitrate) // 2)
+        else:
+            options["crf"] = str(crf)
+        extra = dict(x264_options or {})
+        options["x264-params"] = ":".join(filter(None, ["repeat-headers=1", extra.pop("x264-params", "")]))
+        options.update(extra)
+        encoder.options = options
+        tag_colorspace(encoder, self.colorspace)
+        try:
+            encoder.open()
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise OutputError(f"rtp://{self.host}:{self.port}: cannot open the H.264 encoder ({ffmpeg_reason(exc)})") from exc
+        return encoder
+
+    def _open_socket(self) -> socket.socket:
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(self.host).version == 6 else socket.AF_INET
+        except ValueError:
+            raise OutputError(f"rtp://{self.host}:{self.port}: the host must be an IP address") from None
+        if not 0 < self.port < 65536:
+            raise OutputError(f"rtp://{self.host}:{self.port}: port out of range")
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
+        except OSError:
+            log.debug("could not enlarge the RTP send buffer")
+        return sock
+
+    @property
+    def ssrc(self) -> int:
+        return self._packetizer.ssrc
+
+    @property
+    def parameter_sets(self) -> list[bytes]:
+        return list(self._parameter_sets)
+
+    def session_description(self) -> H264SessionDescription:
+        sps = next((unit for unit in self._parameter_sets if nal_type(unit) == NalType.SPS), None)
+        return H264SessionDescription(
+            address=self.host,
+            port=self.port,
+            payload_type=self._packetizer.payload_type,
+            packetization_mode=1,
+            profile_level_id=sps[1:4].hex().upper() if sps is not None and len(sps) >= 4 else None,
+            sprop_parameter_sets=self.parameter_sets,
+            frame_rate=self.frame_rate,
+        )
+
+    def sdp(self) -> str:
+        """The SDP a receiver (ffmpeg, GStreamer, VLC, :class:`RtpReceiver`) opens to play this stream."""
+        return self.session_description().to_sdp()
+
+    def request_keyframe(self) -> None:
+        """Make the next frame an IDR (a receiver joined or lost packets)."""
+        self._force_keyframe = True
+
+    def send(self, frame: DecodedFrame) -> int:
+        """Encode and send one BGR frame; returns the number of RTP packets sent."""
+        height, width = frame.image.shape[:2]
+        if (width, height) != (self.width, self.height):
+            raise OutputError(
+                f"rtp://{self.host}:{self.port}: frame is {width}x{height}, the stream was opened for {self.width}x{self.height}"
+            )
+        picture = yuv420_frame(frame.image, self.colorspace)
+        picture.pts = self._pts(frame)
+        picture.time_base = RTP_VIDEO_TIME_BASE
+        if self._force_keyframe:
+            picture.pict_type = PictureType.I
+            self._force_keyframe = False
+        return self._encode(picture)
+
+    def _pts(self, frame: DecodedFrame) -> int:
+        if frame.pts is not None and frame.time_base is not None:
+            pts = round(frame.pts * frame.time_base / RTP_VIDEO_TIME_BASE)
+        else:
+            pts = round(self.stats.frames_sent / self.frame_rate / RTP_VIDEO_TIME_BASE)
+        if self._last_pts is not None and pts <= self._last_pts:
+            pts = self._last_pts + 1
+        self._last_pts = pts
+        return pts
+
+    def _encode(self, picture: av.VideoFrame | None) -> int:
+        try:
+            packets = self._encoder.encode(picture)
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise OutputError(f"rtp://{self.host}:{self.port}: encoding failed ({ffmpeg_reason(exc)})") from exc
+        sent = 0
+        for packet in packets:
+            nal_units = split_annexb(bytes(packet))
+            timestamp = self._timestamp_offset + (packet.pts or 0)
+            for rtp in self._packetizer.packetize(nal_units, timestamp):
+                sent += self._transmit(rtp.serialize())
+            self.stats.frames_sent += 1
+            self.stats.keyframes_sent += packet.is_keyframe
+        return sent
+
+    def _transmit(self, datagram: bytes) -> int:
+        try:
+            self._socket.sendto(datagram, (self.host, self.port))
+        except OSError as exc:  # buffer full (non-blocking), ICMP refusal, no route
+            self.stats.packets_dropped += 1
+            log.debug("RTP packet dropped: %s", exc)
+            return 0
+        self.stats.packets_sent += 1
+        self.stats.bytes_sent += len(datagram)
+        return 1
+
+    def close(self) -> None:
+        """Send what the encoder still holds and close the socket."""
+        if self._socket.fileno() == -1:
+            return
+        try:
+            self._encode(None)
+        finally:
+            self._socket.close()
+
+    def __enter__(self) -> "RtpSender":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
