@@ -1,0 +1,116 @@
+"""Training configuration: a TOML file validated by pydantic, every error naming its field."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kfgan_daemon.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSettings(_Section):
+    dir: Path = Path("runs/lite")  # checkpoints, metrics.jsonl, exported weights
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None keeps torch's default
+
+
+class DataSettings(_Section):
+    dir: Path = Path("data/lite-crf42-hq")
+    patch_size: int = Field(default=256, ge=16, le=256, multiple_of=16)
+    exclude_self_reference: bool = True
+    shift: int = Field(default=16, ge=0, le=64)
+    rotate: bool = True
+    cutout_probability: float = Field(default=0.3, ge=0.0, le=1.0)
+    cutout_size: int = Field(default=64, ge=0, le=256)
+
+
+class ModelSettings(_Section):
+    variant: Literal["lite", "full"] = "lite"
+    config: dict[str, Any] = Field(default_factory=dict)  # generator constructor keywords
+    init: Path | None = None  # weights to start from (published .pth or our .safetensors)
+
+
+class LossSettings(_Section):
+    """Weights of each term; 0 switches a term (and whatever it needs) off."""
+
+    mse: float = Field(default=0.0, ge=0)
+    charbonnier: float = Field(default=0.0, ge=0)
+    ssim: float = Field(default=0.0, ge=0)
+    gradient: float = Field(default=0.0, ge=0)
+    perceptual: float = Field(default=0.0, ge=0)
+    style: float = Field(default=0.0, ge=0)
+    adversarial: float = Field(default=0.0, ge=0)
+    discriminator_scale_weights: list[float] = Field(default_factory=lambda: [4.0, 2.0, 1.0, 1.0])
+    vgg_weights: Path | None = None  # torchvision vgg19-dcbb9e9d.pth, needed by perceptual and style
+
+    @model_validator(mode="after")
+    def _some_term(self) -> "LossSettings":
+        if not any((self.mse, self.charbonnier, self.ssim, self.gradient, self.perceptual, self.style)):
+            raise ValueError("at least one reconstruction loss weight (mse, charbonnier, ssim, gradient, perceptual, style) must be > 0")
+        return self
+
+    @property
+    def needs_vgg(self) -> bool:
+        return self.perceptual > 0 or self.style > 0
+
+
+class OptimSettings(_Section):
+    lr: float = Field(default=1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    discriminator_lr: float = Field(default=1e-4, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+    # Step decay: lr is multiplied by lr_decay at each milestone step.
+    milestones: list[int] = Field(default_factory=list)
+    lr_decay: float = Field(default=0.5, gt=0, le=1)
+
+
+class ScheduleSettings(_Section):
+    max_steps: int = Field(default=100_000, ge=1)
+    log_every: int = Field(default=20, ge=1)
+    validate_every: int = Field(default=500, ge=1)
+    validation_samples: int | None = Field(default=None, ge=1)  # None: the whole split
+    checkpoint_minutes: float = Field(default=5.0, gt=0)
+    amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
+
+
+class ExportSettings(_Section):
+    best: Path | None = None  # where the best (validation PSNR) generator goes as .safetensors
+    half: bool = False
+
+
+class TrainConfig(_Section):
+    run: RunSettings = Field(default_factory=RunSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    loss: LossSettings = Field(default_factory=lambda: LossSettings(charbonnier=1.0))
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+
+
+def load_config(path: Path | str) -> TrainConfig:
+    """Read and validate a training TOML file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"training config {path} not found") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable TOML file ({exc})") from exc
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from exc

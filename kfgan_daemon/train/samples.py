@@ -1,0 +1,186 @@
+"""Built samples in memory, the training order, and augmentation.
+
+Everything random here is a pure function of (seed, step), not of a global generator
+or of worker processes: resuming at step k replays exactly the batches an
+uninterrupted run would have drawn, with nothing but k in the checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kfgan_daemon.errors import InputError
+from kfgan_daemon.train import dataset as ds
+
+log = logging.getLogger(__name__)
+
+CROP = 256
+
+
+@dataclass
+class Augmentation:
+    """Geometric transforms are applied identically to every image of a sample.
+
+    ``shift``: the largest translation in pixels (reflected border), used when the
+    patch is the whole crop (a smaller patch at a random place is already a shift).
+    ``rotate``: a random multiple of 90 degrees. ``cutout_probability`` and
+    ``cutout_size``: a square of the *reference* is blanked, so that the model learns to
+    fall back on the degraded crop where the warped keyframe is missing or wrong
+    (blanking input and target alike would teach nothing but copying zeros).
+    """
+
+    shift: int = 16
+    rotate: bool = True
+    cutout_probability: float = 0.3
+    cutout_size: int = 64
+
+
+@dataclass
+class Batch:
+    """Generator inputs and target, N x 3 x H x W RGB float in [0, 1]."""
+
+    compressed: torch.Tensor
+    reference: torch.Tensor
+    landmarks: torch.Tensor
+    target: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.compressed, self.reference, self.landmarks, self.target)))
+
+    def __len__(self) -> int:
+        return int(self.compressed.shape[0])
+
+
+class SampleSet:
+    """All samples of one split of a built dataset, held in memory as uint8."""
+
+    def __init__(self, data_dir: Path, split: str, exclude_self_reference: bool = True) -> None:
+        manifest = ds.DatasetManifest.read(Path(data_dir))
+        names = manifest.files_of(split)
+        if not names:
+            raise InputError(f"{data_dir}: the dataset has no {split!r} files (manifest lists {sorted(manifest.files)})")
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in (ds.COMPRESSED, ds.REFERENCE, ds.TARGET, ds.CROP_LANDMARKS)}
+        self.videos: list[str] = []
+        for name in names:
+            path = Path(data_dir) / name
+            try:
+                with np.load(path) as arrays:
+                    keep = np.ones(arrays[ds.FRAME_INDEX].shape[0], dtype=bool)
+                    if exclude_self_reference:
+                        # At an I-frame the nearest keyframe is the frame itself, so in hq mode
+                        # the reference *is* the target: a sample that only teaches copying.
+                        keep &= arrays[ds.KEY_INDEX] != arrays[ds.FRAME_INDEX]
+                    for key in parts:
+                        parts[key].append(arrays[key][keep])
+            except (OSError, KeyError, ValueError) as exc:
+                raise InputError(f"{path}: unreadable sample file ({exc}); rebuild the dataset") from exc
+            self.videos.extend([manifest.files[name]["video"]] * int(keep.sum()))
+        self.compressed = np.concatenate(parts[ds.COMPRESSED])
+        self.reference = np.concatenate(parts[ds.REFERENCE])
+        self.target = np.concatenate(parts[ds.TARGET])
+        self.crop_landmarks = np.concatenate(parts[ds.CROP_LANDMARKS])
+        if len(self) == 0:
+            raise InputError(f"{data_dir}: the {split!r} split holds no usable samples")
+        log.info("loaded %d %s samples from %d files", len(self), split, len(names))
+
+    def __len__(self) -> int:
+        return int(self.compressed.shape[0])
+
+    def images(self, index: int) -> list[np.ndarray]:
+        """compressed, reference, landmark image, target: 256x256x3 uint8, BGR."""
+        from kfgan_daemon.face import landmark_image
+
+        return [
+            self.compressed[index],
+            self.reference[index],
+            landmark_image(self.crop_landmarks[index]),
+            self.target[index],
+        ]
+
+
+def epoch_permutation(count: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def batch_indices(count: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Sample indices of training step ``step``: consecutive slices of one permutation per epoch."""
+    indices = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, count)
+        indices.append(int(epoch_permutation(count, seed, epoch)[offset]))
+    return indices
+
+
+def augment(images: list[np.ndarray], patch: int, augmentation: Augmentation, rng: np.random.Generator) -> list[np.ndarray]:
+    """One random geometric transform for all of ``images`` (compressed, reference, landmarks, target)."""
+    size = images[0].shape[0]
+    if patch < size:
+        y, x = (int(v) for v in rng.integers(0, size - patch + 1, size=2))
+        images = [im[y : y + patch, x : x + patch] for im in images]
+    elif augmentation.shift > 0:
+        s = augmentation.shift
+        dy, dx = (int(v) for v in rng.integers(-s, s + 1, size=2))
+        images = [_shift(im, dy, dx) for im in images]
+    if augmentation.rotate:
+        turns = int(rng.integers(0, 4))
+        images = [np.rot90(im, turns) for im in images]
+    if augmentation.cutout_size > 0 and rng.random() < augmentation.cutout_probability:
+        side = min(augmentation.cutout_size, images[1].shape[0])
+        y, x = (int(v) for v in rng.integers(0, images[1].shape[0] - side + 1, size=2))
+        reference = images[1].copy()
+        reference[y : y + side, x : x + side] = 0
+        images[1] = reference
+    return images
+
+
+def _shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    s = max(abs(dy), abs(dx))
+    if s == 0:
+        return image
+    padded = np.pad(image, ((s, s), (s, s), (0, 0)), mode="reflect")
+    h, w = image.shape[:2]
+    return padded[s - dy : s - dy + h, s - dx : s - dx + w]
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """Stack BGR uint8 HxWx3 images into an N x 3 x H x W RGB float tensor in [0, 1]."""
+    stacked = np.stack([np.ascontiguousarray(im[..., ::-1]) for im in images])
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+class TrainingBatches:
+    """The deterministic stream of augmented training batches."""
+
+    def __init__(self, samples: SampleSet, batch_size: int, patch: int, augmentation: Augmentation, seed: int) -> None:
+        if not 16 <= patch <= CROP or patch % 16:
+            raise InputError(f"patch size must be a multiple of 16 in [16, {CROP}], got {patch}")
+        self.samples = samples
+        self.batch_size = batch_size
+        self.patch = patch
+        self.augmentation = augmentation
+        self.seed = seed
+
+    def batch(self, step: int) -> Batch:
+        rng = np.random.default_rng([self.seed, 1, step])
+        columns: list[list[np.ndarray]] = [[], [], [], []]
+        for index in batch_indices(len(self.samples), self.batch_size, step, self.seed):
+            for column, image in zip(columns, augment(self.samples.images(index), self.patch, self.augmentation, rng)):
+                column.append(image)
+        return Batch(*(to_tensor(column) for column in columns))
+
+
+def validation_batches(samples: SampleSet, batch_size: int, limit: int | None = None):
+    """Whole 256x256 crops in a fixed order, no augmentation."""
+    count = len(samples) if limit is None else min(limit, len(samples))
+    # An even spread over the split when limited, so that every validation video counts.
+    order = np.linspace(0, len(samples) - 1, count).round().astype(int) if count < len(samples) else np.arange(count)
+    for start in range(0, count, batch_size):
+        columns: list[list[np.ndarray]] = [[], [], [], []]
+        for index in order[start : start + batch_size]:
+            for column, image in zip(columns, samples.images(int(index))):
+                column.append(image)
+        yield Batch(*(to_tensor(column) for column in columns))

@@ -1,0 +1,454 @@
+"""The training loop: generator (and optional discriminator) steps, validation, checkpoints.
+
+A run lives in one folder (``run.dir``): ``last.pt`` (everything needed to continue
+exactly: weights, optimizers, AMP scaler, step, RNG states; the data order and the
+augmentation are functions of the step), ``best.pt`` (the generator with the best
+validation PSNR), ``metrics.jsonl`` (one JSON object per log or validation event).
+Starting the same configuration again continues from ``last.pt``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from kfgan_daemon.errors import ConfigError, ModelError
+from kfgan_daemon.train import losses as L
+from kfgan_daemon.train.config import TrainConfig, load_config
+from kfgan_daemon.train.samples import Augmentation, Batch, SampleSet, TrainingBatches, validation_batches
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS_LOG = "metrics.jsonl"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_psnr: float | None
+    best_step: int | None
+    train_seconds: float
+    run_dir: Path
+    last_validation: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def build_generator(config: TrainConfig) -> nn.Module:
+    """A fresh generator of the configured variant, optionally initialised from a checkpoint."""
+    kwargs = dict(config.model.config)
+    try:
+        if config.model.variant == "lite":
+            from kfgan_daemon.model.lite import LiteGenerator
+
+            generator: nn.Module = LiteGenerator(**kwargs)
+        else:
+            from kfgan_daemon.model import FullGenerator
+
+            generator = FullGenerator(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.config does not fit the {config.model.variant} generator: {exc}") from exc
+    if config.model.init is not None:
+        from kfgan_daemon.model import load_generator
+
+        initial = load_generator(config.model.init, variant=config.model.variant, device="cpu")
+        try:
+            generator.load_state_dict(initial.state_dict())
+        except RuntimeError as exc:
+            raise ModelError(f"model.init {config.model.init} does not fit the configured generator: {exc}") from exc
+    return generator
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # Plain lists, so that the checkpoint loads with weights_only=True.
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(payload: dict[str, Any], path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+
+
+class Trainer:
+    """One training run. ``train_samples``/``validation_samples`` default to the configured dataset."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_samples: SampleSet | None = None,
+        validation_samples: SampleSet | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(config.run.dir)
+        self.device = resolve_device(config.run.device)
+        if config.run.threads is not None:
+            torch.set_num_threads(config.run.threads)
+        torch.manual_seed(config.run.seed)
+        np.random.seed(config.run.seed)
+        random.seed(config.run.seed)
+        data = config.data
+        self.train_samples = train_samples or SampleSet(data.dir, "train", data.exclude_self_reference)
+        # Validation keeps every sample: it measures the deployed behaviour, I-frames included.
+        self.validation_samples = validation_samples or SampleSet(data.dir, "validation", exclude_self_reference=False)
+        augmentation = Augmentation(data.shift, data.rotate, data.cutout_probability, data.cutout_size)
+        self.batches = TrainingBatches(
+            self.train_samples, config.optim.batch_size, data.patch_size, augmentation, config.run.seed
+        )
+        self.generator = build_generator(config).to(self.device)
+        optim = config.optim
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=optim.lr, betas=optim.betas)
+        self.perceptual: L.PerceptualLoss | None = None
+        if config.loss.needs_vgg:
+            self.perceptual = L.PerceptualLoss(L.VGGFeatures(config.loss.vgg_weights)).to(self.device)
+        self.discriminator: nn.Module | None = None
+        self.discriminator_optimizer: torch.optim.Optimizer | None = None
+        if config.loss.adversarial > 0:
+            from kfgan_daemon.model import MultiScaleDiscriminator
+
+            self.discriminator = MultiScaleDiscriminator().to(self.device)
+            self.discriminator_optimizer = torch.optim.Adam(
+                self.discriminator.parameters(), lr=optim.discriminator_lr, betas=optim.betas
+            )
+        self.amp = config.schedule.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.step = 0
+        self.best_psnr: float | None = None
+        self.best_step: int | None = None
+        self.train_seconds = 0.0
+        self.last_validation: dict[str, float] = {}
+        self._input_scores: dict[str, float] | None = None
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+
+    def _learning_rate(self, step: int, base: float) -> float:
+        passed = sum(1 for milestone in self.config.optim.milestones if step >= milestone)
+        return base * self.config.optim.lr_decay**passed
+
+    def _discriminate(self, images: torch.Tensor) -> list[torch.Tensor]:
+        assert self.discriminator is not None
+        outputs = self.discriminator(images)
+        return [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+
+    def reconstruction_losses(self, restored: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        weights = self.config.loss
+        terms: dict[str, torch.Tensor] = {}
+        restored = restored.float()
+        if weights.mse:
+            terms["mse"] = weights.mse * L.mse_loss(restored, target)
+        if weights.charbonnier:
+            terms["charbonnier"] = weights.charbonnier * L.charbonnier_loss(restored, target)
+        if weights.ssim:
+            terms["ssim"] = weights.ssim * L.ssim_loss(restored, target)
+        if weights.gradient:
+            terms["gradient"] = weights.gradient * L.gradient_loss(restored, target)
+        if self.perceptual is not None:
+            perceptual, style = self.perceptual(restored, target)
+            if weights.perceptual:
+                terms["perceptual"] = weights.perceptual * perceptual
+            if weights.style:
+                terms["style"] = weights.style * style
+        return terms
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimisation step on ``batch``; returns the loss terms (weighted) as floats."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._learning_rate(self.step, self.config.optim.lr)
+        batch = batch.to(self.device)
+        self.generator.train()
+        with self._autocast():
+            restored = self.generator(batch.compressed, batch.reference, batch.landmarks)
+            terms = self.reconstruction_losses(restored, batch.target)
+            if self.discriminator is not None:
+                self.discriminator.requires_grad_(False)
+                terms["adversarial"] = self.config.loss.adversarial * L.generator_hinge_loss(
+                    self._discriminate(restored), self.config.loss.discriminator_scale_weights
+                )
+            loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise ModelError(f"training diverged at step {self.step}: loss is {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.generator.parameters(), self.config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        if self.discriminator is not None:
+            values["discriminator"] = self._discriminator_step(batch.target, restored.detach())
+        self.scaler.update()
+        values["loss"] = float(loss.detach())
+        self.step += 1
+        return values
+
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        assert self.discriminator is not None and self.discriminator_optimizer is not None
+        for group in self.discriminator_optimizer.param_groups:
+            group["lr"] = self._learning_rate(self.step, self.config.optim.discriminator_lr)
+        self.discriminator.requires_grad_(True)
+        self.discriminator.train()
+        with self._autocast():
+            loss = L.discriminator_hinge_loss(
+                self._discriminate(real), self._discriminate(fake), self.config.loss.discriminator_scale_weights
+            )
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.discriminator_optimizer)
+        return float(loss.detach())
+
+    # -- validation -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def validate(self) -> dict[str, float]:
+        """Mean PSNR/SSIM on the validation split: restored, restored without the reference
+        (the degraded crop in its place), and the compressed input itself."""
+        self.generator.eval()
+        sums = {"psnr": 0.0, "ssim": 0.0, "psnr_noref": 0.0}
+        inputs = {"psnr_input": 0.0, "ssim_input": 0.0}
+        count = 0
+        limit = self.config.schedule.validation_samples
+        for batch in validation_batches(self.validation_samples, max(self.config.optim.batch_size, 8), limit):
+            batch = batch.to(self.device)
+            n = len(batch)
+            with self._autocast():
+                restored = self.generator(batch.compressed, batch.reference, batch.landmarks).float().clamp(0, 1)
+                noref = self.generator(batch.compressed, batch.compressed, batch.landmarks).float().clamp(0, 1)
+            sums["psnr"] += float(L.psnr(restored, batch.target).sum())
+            sums["ssim"] += float(L.ssim(restored, batch.target)) * n
+            sums["psnr_noref"] += float(L.psnr(noref, batch.target).sum())
+            if self._input_scores is None:
+                inputs["psnr_input"] += float(L.psnr(batch.compressed, batch.target).sum())
+                inputs["ssim_input"] += float(L.ssim(batch.compressed, batch.target)) * n
+            count += n
+        if self._input_scores is None:
+            self._input_scores = {k: v / count for k, v in inputs.items()}
+        scores = {f"val_{k}": v / count for k, v in sums.items()}
+        scores.update({f"val_{k}": v for k, v in self._input_scores.items()})
+        scores["val_psnr_gain"] = scores["val_psnr"] - scores["val_psnr_input"]
+        scores["val_ssim_gain"] = scores["val_ssim"] - scores["val_ssim_input"]
+        return scores
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "variant": self.config.model.variant,
+            "generator_config": dict(getattr(self.generator, "config", self.config.model.config)),
+            "generator": self.generator.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "best_psnr": self.best_psnr,
+            "best_step": self.best_step,
+            "train_seconds": self.train_seconds,
+            "last_validation": self.last_validation,
+        }
+        if self.discriminator is not None and self.discriminator_optimizer is not None:
+            state["discriminator"] = self.discriminator.state_dict()
+            state["discriminator_optimizer"] = self.discriminator_optimizer.state_dict()
+        return state
+
+    def save_checkpoint(self, path: Path | None = None) -> Path:
+        path = path or self.run_dir / LAST_CHECKPOINT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save(self.checkpoint_state(), path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # torch raises several unrelated types for a bad file
+            raise ModelError(f"{path}: cannot read the training checkpoint ({exc}); delete it to start over") from exc
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("variant") != self.config.model.variant:
+            raise ModelError(f"{path} is not a {self.config.model.variant} training checkpoint of this trainer")
+        try:
+            self.generator.load_state_dict(state["generator"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.discriminator is not None and self.discriminator_optimizer is not None:
+                if "discriminator" not in state:
+                    raise ModelError(f"{path} has no discriminator but the configuration trains one")
+                self.discriminator.load_state_dict(state["discriminator"])
+                self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+        except RuntimeError as exc:
+            raise ModelError(f"{path} does not fit the configured model: {exc}") from exc
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.best_psnr = state["best_psnr"]
+        self.best_step = state["best_step"]
+        self.train_seconds = float(state["train_seconds"])
+        self.last_validation = dict(state["last_validation"])
+
+    def _save_best(self, scores: dict[str, float]) -> None:
+        self.best_psnr = scores["val_psnr"]
+        self.best_step = self.step
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "variant": self.config.model.variant,
+            "generator_config": dict(getattr(self.generator, "config", self.config.model.config)),
+            "generator": self.generator.state_dict(),
+            "step": self.step,
+            "validation": scores,
+        }
+        _atomic_save(payload, self.run_dir / BEST_CHECKPOINT)
+        if self.config.export.best is not None:
+            export_generator(self.generator, self.config.export.best, half=self.config.export.half)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / METRICS_LOG, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def run(self, max_steps: int | None = None, progress: bool = True) -> TrainResult:
+        """Train until ``max_steps`` (default: the configured number), SIGTERM or Ctrl-C;
+        validate, log and checkpoint on the configured schedule; always leave ``last.pt``."""
+        from tqdm import tqdm
+
+        schedule = self.config.schedule
+        final_step = min(max_steps, schedule.max_steps) if max_steps is not None else schedule.max_steps
+        interrupted = False
+        last_checkpoint = time.monotonic()
+        running: dict[str, float] = {}
+        bar = tqdm(total=final_step, initial=self.step, desc="train", unit="step", disable=not progress)
+        with _stop_on_signals() as stop:
+            while self.step < final_step and not stop.requested:
+                started = time.monotonic()
+                values = self.train_step(self.batches.batch(self.step))
+                self.train_seconds += time.monotonic() - started
+                for name, value in values.items():
+                    running[name] = running.get(name, 0.0) + value
+                running["_count"] = running.get("_count", 0.0) + 1
+                bar.update(1)
+                if self.step % schedule.log_every == 0 or self.step == final_step:
+                    count = running.pop("_count")
+                    means = {name: value / count for name, value in running.items()}
+                    running = {}
+                    bar.set_postfix(loss=f"{means['loss']:.4f}")
+                    self._log({"event": "train", "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                               "train_seconds": round(self.train_seconds, 1), **means})
+                if self.step % schedule.validate_every == 0 or self.step == final_step:
+                    self._validate_and_log(bar)
+                if time.monotonic() - last_checkpoint >= schedule.checkpoint_minutes * 60:
+                    self.save_checkpoint()
+                    last_checkpoint = time.monotonic()
+            interrupted = stop.requested
+        bar.close()
+        self.save_checkpoint()
+        return TrainResult(
+            steps=self.step,
+            best_psnr=self.best_psnr,
+            best_step=self.best_step,
+            train_seconds=self.train_seconds,
+            run_dir=self.run_dir,
+            last_validation=self.last_validation,
+            interrupted=interrupted,
+        )
+
+    def _validate_and_log(self, bar) -> None:
+        scores = self.validate()
+        self.last_validation = scores
+        if self.best_psnr is None or scores["val_psnr"] > self.best_psnr:
+            self._save_best(scores)
+        bar.write(
+            f"step {self.step}: val PSNR {scores['val_psnr']:.3f} dB (input {scores['val_psnr_input']:.3f}, "
+            f"no reference {scores['val_psnr_noref']:.3f}), SSIM {scores['val_ssim']:.4f} "
+            f"(input {scores['val_ssim_input']:.4f}); best {self.best_psnr:.3f} at {self.best_step}"
+        )
+        self._log({"event": "validation", "step": self.step, "train_seconds": round(self.train_seconds, 1),
+                   "best_psnr": self.best_psnr, "best_step": self.best_step, **scores})
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_StopFlag]:
+    """SIGTERM and SIGINT end the loop after the current step (then a checkpoint is written)."""
+    flag = _StopFlag()
+
+    def request(signum, frame) -> None:
+        flag.requested = True
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, request)
+    except ValueError:
+        pass  # not the main thread: signals stay with whoever owns them
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def export_generator(generator: nn.Module, path: Path | str, half: bool = False) -> Path:
+    """Write the generator as our .safetensors (with its variant and constructor config)."""
+    from kfgan_daemon.model.checkpoint import save_safetensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(generator, path, half=half)
+    return path
+
+
+def train(config_path: Path, resume: bool = True, max_steps: int | None = None, progress: bool = True) -> TrainResult:
+    """``kfgan-daemon train --config FILE``: train as configured, continuing from
+    ``<run.dir>/last.pt`` when it exists and ``resume`` is true."""
+    config = load_config(config_path)
+    trainer = Trainer(config)
+    last = Path(config.run.dir) / LAST_CHECKPOINT
+    if resume and last.is_file():
+        trainer.load_checkpoint(last)
+        log.info("resumed %s at step %d", last, trainer.step)
+    elif last.is_file():
+        log.warning("starting over: %s exists but resume is off; it will be overwritten", last)
+    return trainer.run(max_steps=max_steps, progress=progress)

@@ -1,0 +1,172 @@
+"""Trainer: a step learns, checkpoints resume bit-exactly, the config is validated."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kfgan_daemon.errors import ConfigError, ModelError
+from kfgan_daemon.train import dataset as ds
+from kfgan_daemon.train.config import load_config, parse_config
+from kfgan_daemon.train.samples import SampleSet
+from kfgan_daemon.train.trainer import LAST_CHECKPOINT, METRICS_LOG, Trainer, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _synthetic_video(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
+    """Blocky 'faces' as targets, a brighter quantised copy as input, a shifted copy as reference."""
+    small = rng.integers(0, 256, size=(count, 16, 16, 3)).astype(np.float32)
+    target = np.stack([np.kron(im, np.ones((16, 16, 1), np.float32)) for im in small])
+    target = (target * 0.6 + 50).astype(np.uint8)
+    compressed = (np.round(target / 8.0) * 8 + 24).clip(0, 255).astype(np.uint8)
+    reference = np.roll(target, 2, axis=2)
+    landmarks = rng.integers(40, 216, size=(count, 68, 2)).astype(np.int16)
+    frame_index = np.arange(5, 5 + 5 * count, 5, dtype=np.int32)
+    return {
+        ds.COMPRESSED: compressed,
+        ds.REFERENCE: reference,
+        ds.TARGET: target,
+        ds.CROP_LANDMARKS: landmarks,
+        ds.FRAME_LANDMARKS: landmarks.astype(np.float32),
+        ds.MATRIX: np.tile(np.eye(2, 3), (count, 1, 1)),
+        ds.FRAME_INDEX: frame_index,
+        ds.KEY_INDEX: np.zeros(count, dtype=np.int32),
+    }
+
+
+def write_synthetic_dataset(out: Path, videos: dict[str, str], count: int = 6, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = ds.DatasetManifest(
+        options={}, train=[v for v, s in videos.items() if s == "train"],
+        validation=[v for v, s in videos.items() if s == "validation"],
+    )
+    for video, split in videos.items():
+        name = ds.sample_file_name(video, 42, "hq")
+        np.savez(out / name, **_synthetic_video(rng, count))
+        manifest.files[name] = {"video": video, "crf": 42, "split": split, "samples": count}
+    manifest.write(out)
+    return out
+
+
+def _config(tmp_path: Path, **overrides) -> dict:
+    data = write_synthetic_dataset(tmp_path / "data", {"a": "train", "b": "train", "c": "validation"}, count=4)
+    raw = {
+        "run": {"dir": str(tmp_path / "run"), "seed": 3, "device": "cpu"},
+        "data": {"dir": str(data), "patch_size": 64, "cutout_size": 16},
+        "model": {"variant": "lite", "config": {"channels": 8, "blocks": 1}},
+        "loss": {"charbonnier": 1.0, "ssim": 0.2, "gradient": 0.5},
+        "optim": {"lr": 1e-3, "batch_size": 2},
+        "schedule": {"max_steps": 4, "log_every": 1, "validate_every": 2, "validation_samples": 2},
+    }
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_steps_change_weights_and_lower_the_loss_on_a_fixed_batch(tmp_path: Path) -> None:
+    trainer = Trainer(parse_config(_config(tmp_path, optim={"lr": 5e-3})))
+    batch = trainer.batches.batch(0)
+    before = _params(trainer.generator)
+    first = trainer.train_step(batch)["loss"]
+    # The output layer starts at zero (output = input), so the first step moves only it
+    # and the second reaches every layer behind it.
+    changed = [k for k, v in _params(trainer.generator).items() if not torch.equal(v, before[k])]
+    assert sorted(changed) == ["tail.bias", "tail.weight"]
+    trainer.train_step(batch)
+    assert all(not torch.equal(v, before[k]) for k, v in _params(trainer.generator).items())
+    for _ in range(14):
+        last = trainer.train_step(batch)["loss"]
+    assert last < first * 0.8
+
+
+def test_resume_gives_exactly_the_next_step_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    config = parse_config(_config(tmp_path))
+    straight = Trainer(config)
+    for step in range(3):
+        straight.train_step(straight.batches.batch(step))
+
+    first = Trainer(config)
+    for step in range(2):
+        first.train_step(first.batches.batch(step))
+    path = first.save_checkpoint()
+    torch.manual_seed(12345)  # whatever happened in between must not matter
+    np.random.seed(54321)
+    resumed = Trainer(config)
+    resumed.load_checkpoint(path)
+    assert resumed.step == 2
+    resumed.train_step(resumed.batches.batch(resumed.step))
+
+    expected, got = _params(straight.generator), _params(resumed.generator)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    expected_opt = straight.optimizer.state_dict()["state"]
+    got_opt = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(expected_opt[i]["exp_avg_sq"], got_opt[i]["exp_avg_sq"]) for i in expected_opt)
+
+
+def test_train_runs_validates_logs_and_continues(tmp_path: Path) -> None:
+    raw = _config(tmp_path)
+    config_path = tmp_path / "lite.toml"
+    config_path.write_text(_toml(raw))
+    result = train(config_path, max_steps=2, progress=False)
+    assert result.steps == 2 and result.best_step == 2
+    scores = result.last_validation
+    assert scores["val_psnr_input"] == pytest.approx(scores["val_psnr"] - scores["val_psnr_gain"])
+    run_dir = Path(raw["run"]["dir"])
+    assert (run_dir / LAST_CHECKPOINT).is_file() and (run_dir / "best.pt").is_file()
+    again = train(config_path, max_steps=4, progress=False)
+    assert again.steps == 4
+    events = [json.loads(line) for line in (run_dir / METRICS_LOG).read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "validation"] == [2, 4]
+    assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3, 4]
+
+
+def test_training_only_sees_its_split(tmp_path: Path) -> None:
+    data = write_synthetic_dataset(tmp_path / "data", {"a": "train", "b": "validation"}, count=3)
+    assert set(SampleSet(data, "train").videos) == {"a"}
+    assert set(SampleSet(data, "validation").videos) == {"b"}
+
+
+def test_vgg_losses_without_weights_stop_with_a_clear_message(tmp_path: Path) -> None:
+    raw = _config(tmp_path, loss={"perceptual": 10.0, "vgg_weights": None})
+    with pytest.raises(ModelError, match="vgg19-dcbb9e9d.pth"):
+        Trainer(parse_config(raw))
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="optim.lr"):
+        parse_config({"optim": {"lr": -1}})
+    with pytest.raises(ConfigError, match="data.patch_size"):
+        parse_config({"data": {"patch_size": 100}})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_shipped_configs_are_valid() -> None:
+    lite = load_config(ROOT / "configs" / "lite.toml")
+    assert lite.model.variant == "lite" and not lite.loss.needs_vgg
+    full = load_config(ROOT / "configs" / "full.toml")
+    assert (full.loss.mse, full.loss.perceptual, full.loss.style, full.loss.adversarial) == (300, 10, 1, 2)
+    assert full.loss.discriminator_scale_weights == [4, 2, 1, 1]
+    assert (full.optim.lr, full.optim.betas, full.optim.batch_size) == (1e-4, (0.9, 0.99), 4)
+
+
+def _toml(raw: dict) -> str:
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+                lines.append(f"{key} = {{ {inner} }}")
+            elif value is not None:
+                lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
