@@ -1,0 +1,115 @@
+"""Face detection with dlib (HOG by default, the MMOD CNN as an option) on a downscaled image."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from kfgan_daemon.errors import InputError
+from kfgan_daemon.face.models import load_cnn_detector, load_hog_detector
+
+DetectorKind = Literal["hog", "cnn"]
+DETECTOR_KINDS: tuple[str, ...] = ("hog", "cnn")
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """An axis-aligned face box in image coordinates (right and bottom exclusive)."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+    score: float = 0.0
+
+    @property
+    def width(self) -> float:
+        return self.right - self.left
+
+    @property
+    def height(self) -> float:
+        return self.bottom - self.top
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.left + self.right) / 2.0, (self.top + self.bottom) / 2.0
+
+    def iou(self, other: FaceBox) -> float:
+        inter_w = min(self.right, other.right) - max(self.left, other.left)
+        inter_h = min(self.bottom, other.bottom) - max(self.top, other.top)
+        if inter_w <= 0 or inter_h <= 0:
+            return 0.0
+        inter = inter_w * inter_h
+        return inter / (self.area + other.area - inter)
+
+    def to_dlib(self):
+        import dlib
+
+        return dlib.rectangle(
+            int(round(self.left)), int(round(self.top)), int(round(self.right)) - 1, int(round(self.bottom)) - 1
+        )
+
+
+class FaceDetector:
+    """dlib face detector that runs on a downscaled copy of (a region of) a grayscale image.
+
+    `upsample` is dlib's own pyramid upsampling (0 by default for HOG; 1 for the CNN,
+    as the published pipeline used it). A new dlib detector is made per instance,
+    because dlib detectors keep scratch state and must not be shared between threads.
+    """
+
+    def __init__(self, kind: DetectorKind = "hog", path: str | Path | None = None, upsample: int | None = None):
+        if kind not in DETECTOR_KINDS:
+            raise InputError(f"unknown face detector {kind!r}; expected one of {DETECTOR_KINDS}")
+        self.kind = kind
+        self.upsample = (1 if kind == "cnn" else 0) if upsample is None else int(upsample)
+        self._dlib = load_cnn_detector(path) if kind == "cnn" else load_hog_detector()
+
+    def detect(
+        self,
+        gray: np.ndarray,
+        scale: float = 1.0,
+        region: tuple[int, int, int, int] | None = None,
+    ) -> list[FaceBox]:
+        """Faces in `gray` (HxW uint8), optionally only inside region (x0, y0, x1, y1).
+
+        The image (or region) is resized by `scale` before detection; boxes come back
+        in the coordinates of `gray`.
+        """
+        x0, y0 = 0, 0
+        image = gray
+        if region is not None:
+            x0, y0, x1, y1 = region
+            image = gray[y0:y1, x0:x1]
+        if image.size == 0:
+            return []
+        back_x = back_y = 1.0
+        if scale != 1.0:
+            width = max(int(round(image.shape[1] * scale)), 1)
+            height = max(int(round(image.shape[0] * scale)), 1)
+            back_x, back_y = image.shape[1] / width, image.shape[0] / height
+            interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+            image = cv2.resize(image, (width, height), interpolation=interpolation)
+        image = np.ascontiguousarray(image)
+        if self.kind == "cnn":
+            found = [(d.rect, float(d.confidence)) for d in self._dlib(image, self.upsample)]
+        else:
+            rects, scores, _ = self._dlib.run(image, self.upsample, 0.0)
+            found = list(zip(rects, (float(s) for s in scores)))
+        return [
+            FaceBox(
+                r.left() * back_x + x0,
+                r.top() * back_y + y0,
+                (r.right() + 1) * back_x + x0,
+                (r.bottom() + 1) * back_y + y0,
+                score,
+            )
+            for r, score in found
+        ]
