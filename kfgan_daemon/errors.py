@@ -44,3 +44,7 @@ class RtpPacketError(InputError):
 
 class SdpError(InputError):
     """A session description cannot be used (not SDP, no H.264 video, unsupported mode)."""
+
+
+class MetricUnavailableError(KfganError):
+    """A quality metric was asked for but no implementation of it is installed (VMAF, LPIPS weights)."""
