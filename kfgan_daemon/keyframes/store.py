@@ -10,14 +10,16 @@ Policies when a keyframe arrives and the set is full:
 - "lfu" (the paper's): the member with the smallest usage count leaves (ties: the
   lowest position), the newcomer is appended with count 0, then every count is halved;
   the halving also happens when the set is not full. Each selection adds 1 to the
-  chosen member's count.
+  chosen member's count. A set of one (the "last keyframe" baseline) is the published
+  implementation's exception, which its trace shows: the newcomer takes the member's
+  place and the count carries on, never halved.
 - "max_distance" (the paper's ablation): of the members and the newcomer, the one
   whose removal leaves the most diverse set leaves, so that the set spans as many poses
   as possible. Diversity is the smallest pairwise landmark distance in the set; among
   candidates whose removal gives the same diversity, the one with the smallest total
   distance to the others leaves (the most redundant), then the lowest position, with the
   newcomer counting as the last position. The newcomer may thus be the one dropped.
-  Usage is counted as in "lfu" but plays no part in eviction.
+  Selections still count usage (never halved here), but it plays no part in eviction.
 """
 from __future__ import annotations
 
@@ -105,6 +107,10 @@ class KeyframeStore:
         return None if distances is None else int(np.argmin(distances))
 
     def _offer_lfu(self, entry: KeyframeEntry) -> None:
+        if self.max_size == 1 and self._entries:
+            entry.usage = self._entries[0].usage
+            self._entries[0] = entry
+            return
         if len(self._entries) >= self.max_size:
             usages = [member.usage for member in self._entries]
             del self._entries[int(np.argmin(usages))]
