@@ -176,7 +176,9 @@ class FileSink:
         if self._closed:
             raise OutputError(f"{self.path}: sink already closed")
         picture.pict_type = av.video.frame.PictureType.NONE
-        if picture.pts is not None and self._last_pts is not None and picture.pts <= self._last_pts:
+        if picture.pts is None:
+            picture.pts = round(self.frames_written / self.frame_rate / self.time_base)
+        if self._last_pts is not None and picture.pts <= self._last_pts:
             log.debug("%s: pts %s not increasing; using %s", self.path, picture.pts, self._last_pts + 1)
             picture.pts = self._last_pts + 1
         self._last_pts = picture.pts
@@ -187,9 +189,9 @@ class FileSink:
         self._mux_video(packets)
         self.frames_written += 1
 
-    def _output_pts(self, frame: DecodedFrame) -> int:
+    def _output_pts(self, frame: DecodedFrame) -> int | None:
         if frame.pts is None:
-            return round(self.frames_written / self.frame_rate / self.time_base)
+            return None  # timed by the frame rate in encode_picture
         if frame.time_base is None or frame.time_base == self.time_base:
             return frame.pts
         return round(frame.pts * frame.time_base / self.time_base)
@@ -200,7 +202,7 @@ class FileSink:
                 end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
                 self._last_end = max(self._last_end, end)
             self._mux(packet)
-        self._mux_audio(until=self._last_end + _AUDIO_LEAD_S)
+        self._mux_audio(until=self._last_end + (0.0 if self.trim_audio else _AUDIO_LEAD_S))
 
     def _mux_audio(self, until: float | None) -> None:
         """Copy audio packets that start before ``until`` seconds (all when None)."""

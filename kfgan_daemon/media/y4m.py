@@ -8,7 +8,6 @@ unless told otherwise.
 """
 from __future__ import annotations
 
-import logging
 from fractions import Fraction
 from typing import BinaryIO
 
@@ -17,8 +16,6 @@ import numpy as np
 from kfgan_daemon.errors import OutputError
 from kfgan_daemon.media.conversion import check_colorspace, yuv420_frame
 from kfgan_daemon.media.frame import DecodedFrame
-
-log = logging.getLogger(__name__)
 
 
 class Y4MWriter:

@@ -122,10 +122,7 @@ def _parse_video(section: dict, session_address: str | None, session_name: str) 
             payload_type, _, parameters = value.strip().partition(" ")
             fmtps[payload_type] = _parse_fmtp(parameters)
         elif name == "framerate":
-            try:
-                frame_rate = Fraction(value.strip()).limit_denominator(1001)
-            except (ValueError, ZeroDivisionError):
-                raise SdpError(f"{where}: malformed framerate {value!r}") from None
+            frame_rate = _frame_rate(value.strip(), where)
     h264 = [fmt for fmt in formats if rtpmaps.get(fmt, ("", 0))[0] == "H264"]
     if not h264:
         offered = ", ".join(f"{fmt} {rtpmaps[fmt][0]}" if fmt in rtpmaps else fmt for fmt in formats)
@@ -158,6 +155,21 @@ def _parse_video(section: dict, session_address: str | None, session_name: str) 
         frame_rate=frame_rate,
         session_name=session_name or "kfgan-daemon",
     )
+
+
+def _frame_rate(value: str, where: str) -> Fraction:
+    """``a=framerate`` is a decimal; 29.97 means 30000/1001, as NTSC rates always do."""
+    try:
+        rate = float(value)
+    except ValueError:
+        raise SdpError(f"{where}: malformed framerate {value!r}") from None
+    if not rate > 0:
+        raise SdpError(f"{where}: framerate {value!r} is not positive")
+    ntsc = Fraction(round(rate * 1.001) * 1000, 1001)
+    for candidate in (Fraction(round(rate)), ntsc):
+        if candidate and abs(float(candidate) - rate) < 0.005:
+            return candidate
+    return Fraction(value).limit_denominator(1000)
 
 
 def _parse_fmtp(parameters: str) -> dict[str, str]:
