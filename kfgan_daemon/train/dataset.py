@@ -177,14 +177,16 @@ class DatasetManifest:
             raise InputError(f"{path} is not a dataset manifest: {exc}") from exc
 
 
-def _encode(source: Path, target: Path, crf: int, keyint_seconds: float, preset: str) -> None:
+def _encode(source: Path, target: Path, crf: int, keyint_seconds: float, preset: str, max_frames: int | None) -> None:
     """Re-encode ``source`` with libx264 at ``crf``, an I-frame every ``keyint_seconds``, no audio."""
     from kfgan_daemon.media import FileSink, FileSource
 
     with FileSource(source) as frames:
         gop = max(1, round(float(frames.frame_rate) * keyint_seconds))
         with FileSink.like(frames, target, crf=crf, gop=gop, preset=preset, audio_from=None) as sink:
-            for frame in frames:
+            for index, frame in enumerate(frames):
+                if max_frames is not None and index >= max_frames:
+                    break
                 sink.write(frame)
 
 
@@ -271,6 +273,7 @@ def build_dataset(
     sample_offset: int = 5,
     warp_mode: str = "fast",
     detector: str = "hog",
+    preset: str = "medium",
     max_frames: int | None = None,
     progress: bool = True,
 ) -> DatasetManifest:
@@ -290,6 +293,7 @@ def build_dataset(
         validation_fraction=validation_fraction,
         warp_mode=warp_mode,
         detector=detector,
+        preset=preset,
         max_frames=max_frames,
     )
     options.check()
@@ -322,7 +326,7 @@ def _build_one(path: Path, video: str, crf: int, split: str, target: Path, optio
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kfgan-dataset-") as tmp:
         encoded = Path(tmp) / f"{video}_crf{crf}.mp4"
-        _encode(path, encoded, crf, options.keyint_seconds, options.preset)
+        _encode(path, encoded, crf, options.keyint_seconds, options.preset, options.max_frames)
         samples = collect_samples(path, encoded, options)
     partial = target.with_suffix(".partial.npz")
     np.savez(partial, **samples.arrays)

@@ -337,7 +337,7 @@ class Trainer:
         }
         _atomic_save(payload, self.run_dir / BEST_CHECKPOINT)
         if self.config.export.best is not None:
-            export_generator(self.generator, self.config.export.best, half=self.config.export.half)
+            export_generator(self.generator, self.config.export.best, self.config.model.variant, half=self.config.export.half)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -430,13 +430,20 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
             signal.signal(sig, handler)
 
 
-def export_generator(generator: nn.Module, path: Path | str, half: bool = False) -> Path:
-    """Write the generator as our .safetensors (with its variant and constructor config)."""
-    from kfgan_daemon.model.checkpoint import save_safetensors
+def export_generator(generator: nn.Module, path: Path | str, variant: str, half: bool = False) -> Path:
+    """Write the generator as our .safetensors: tensors plus metadata {"variant", "config"},
+    the constructor keywords that ``load_generator`` rebuilds the architecture from."""
+    from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(generator, path, half=half)
+    dtype = torch.float16 if half else torch.float32
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in generator.state_dict().items()}
+    metadata = {"variant": variant, "config": json.dumps(dict(getattr(generator, "config", {})), sort_keys=True)}
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, path)
     return path
 
 
