@@ -27,7 +27,8 @@ def test_identity_when_landmarks_equal(mode):
 
 def test_translation_is_exact():
     points = _control_grid()
-    displacement = mls_displacement(points + (3.0, -2.0), points, np.arange(0.0, 256.0, 17.0), np.arange(0.0, 256.0, 31.0))
+    xs, ys = np.arange(0.0, 256.0, 17.0), np.arange(0.0, 256.0, 31.0)
+    displacement = mls_displacement(points + (3.0, -2.0), points, xs, ys)
     np.testing.assert_allclose(displacement[..., 0], -3.0, atol=1e-9)
     np.testing.assert_allclose(displacement[..., 1], 2.0, atol=1e-9)
 

@@ -2,7 +2,14 @@
 
 numpy, OpenCV and dlib only: no codecs, no torch.
 """
-from kfgan_daemon.face.align import CROP_SIZE, AlignedFace, align_face, alignment_matrix, crop_landmarks, transform_points
+from kfgan_daemon.face.align import (
+    CROP_SIZE,
+    AlignedFace,
+    align_face,
+    alignment_matrix,
+    crop_landmarks,
+    transform_points,
+)
 from kfgan_daemon.face.detector import DETECTOR_KINDS, FaceBox, FaceDetector
 from kfgan_daemon.face.landmark_image import landmark_image
 from kfgan_daemon.face.landmarks import LandmarkPredictor, shape_residual

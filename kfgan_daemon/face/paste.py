@@ -3,8 +3,8 @@
 The crop goes back through the inverted alignment matrix; a mask of ones goes the
 same way, is eroded by 2x2, then by a square of side 2 * (sqrt(face area) // 20), and
 blurred with a Gaussian of that side + 1. All of it happens inside the rectangle the
-crop covers in the frame (plus a margin), which gives the same pixels as working on
-the whole frame at a fraction of the cost.
+crop covers in the frame (plus a margin), which gives the pixels of the whole-frame
+computation (within one gray level on the mask's outermost ring) at a fraction of the cost.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from kfgan_daemon.errors import InputError
 _MARGIN = 2
 
 
-def footprint_rect(matrix: np.ndarray, crop_size: tuple[int, int], frame_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+def footprint_rect(
+    matrix: np.ndarray, crop_size: tuple[int, int], frame_size: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) in the frame that the crop covers through `matrix` (frame -> crop), or None if outside."""
     crop_h, crop_w = crop_size
     frame_h, frame_w = frame_size
@@ -45,7 +47,9 @@ def paste_back(
     blur; by default it is the area of the eroded, warped mask, as in the published code.
     """
     if frame.ndim != 3 or crop.ndim != 3 or frame.shape[2] != crop.shape[2]:
-        raise InputError(f"paste_back needs HxWxC frame and crop with equal channels, got {frame.shape} and {crop.shape}")
+        raise InputError(
+            f"paste_back needs HxWxC frame and crop with equal channels, got {frame.shape} and {crop.shape}"
+        )
     out = frame.copy()
     rect = footprint_rect(matrix, crop.shape[:2], frame.shape[:2])
     if rect is None:
