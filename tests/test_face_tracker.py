@@ -133,3 +133,14 @@ def test_cnn_detector_finds_the_face(d12_frames):
     (hog_box,) = FaceDetector("hog").detect(gray)
     cnn_boxes = FaceDetector("cnn").detect(gray, scale=0.25)
     assert len(cnn_boxes) == 1 and cnn_boxes[0].iou(hog_box) > 0.4
+
+
+@pytest.mark.shared
+def test_resolution_change_detects_again(d12_frames):
+    tracker = FaceTracker()
+    for frame in d12_frames[:3]:
+        tracker.update(frame)
+    runs = tracker.stats.detector_runs
+    wider = cv2.copyMakeBorder(d12_frames[3], 0, 0, 0, 128, cv2.BORDER_CONSTANT)
+    landmarks = tracker.update(wider)
+    assert landmarks is not None and tracker.stats.detector_runs > runs

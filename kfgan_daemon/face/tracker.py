@@ -152,6 +152,8 @@ class FaceTracker:
         return landmarks
 
     def _follow(self, gray: np.ndarray) -> np.ndarray | None:
+        if self._previous_gray is None or self._previous_gray.shape != gray.shape:
+            return None  # the stream changed resolution: nothing to follow from
         moved = _flow_landmarks(self._previous_gray, gray, self._landmarks)
         if moved is None:
             return None
