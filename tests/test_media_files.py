@@ -283,6 +283,27 @@ def test_no_video_stream(tmp_path: Path) -> None:
         FileSource(path)
 
 
+def test_cover_art_is_not_a_video_stream(tmp_path: Path) -> None:
+    path = tmp_path / "song.mp4"
+    with av.open(str(path), "w") as container:
+        sound = container.add_stream("aac", rate=48000)
+        sound.layout = "mono"
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        art = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="bgr24").reformat(format="yuvj420p")
+        art.pts = 0
+        container.mux(cover.encode(art))
+        container.mux(cover.encode(None))
+        for start in range(0, 48000, 1024):
+            aframe = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16", layout="mono")
+            aframe.sample_rate, aframe.pts = 48000, start
+            container.mux(sound.encode(aframe))
+        container.mux(sound.encode(None))
+    with pytest.raises(NoVideoStreamError, match="cover picture"):
+        FileSource(path)
+
+
 def truncate(path: Path, fraction: float) -> Path:
     data = path.read_bytes()
     cut = path.with_name("cut-" + path.name)
@@ -347,3 +368,20 @@ def test_source_is_iterated_once(tmp_path: Path) -> None:
         list(source)
         with pytest.raises(RuntimeError, match="iterated once"):
             list(source)
+
+
+@pytest.mark.shared
+def test_real_clip_compressed_to_crf42_keeps_timing_colour_and_audio(media_dir: Path, tmp_path: Path) -> None:
+    clip = media_dir / "d10.mp4"  # 512x512, 30 fps, BT.709, with audio
+    low = tmp_path / "d10-crf42.mp4"
+    written = encode_h264_file(clip, low, crf=42, gop=30, keyint_min=30, scenecut=False, preset="veryfast", max_frames=90)
+    with FileSource(clip) as original, FileSource(low) as degraded:
+        assert written == 90 == degraded.frame_count
+        assert (degraded.width, degraded.height, degraded.frame_rate) == (original.width, original.height, original.frame_rate)
+        assert degraded.colorspace == original.colorspace == "bt709"
+        assert degraded.has_audio
+        pairs = list(zip(original, degraded))
+    assert [d.index for _, d in pairs if d.is_keyframe] == [0, 30, 60]
+    assert all(o.time == pytest.approx(d.time, abs=1e-6) for o, d in pairs)
+    error = np.mean([np.abs(o.image.astype(int) - d.image).mean() for o, d in pairs])
+    assert 1 < error < 12  # visibly degraded, still the same pictures

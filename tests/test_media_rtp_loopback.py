@@ -250,3 +250,93 @@ def test_sender_sdp_describes_the_stream() -> None:
     description = parse_sdp(text)
     assert description.frame_rate == Fraction(30000, 1001)
     assert description.profile_level_id and len(description.sprop_parameter_sets) == 2
+
+
+async def test_ffmpeg_rtp_muxer_stream_is_received() -> None:
+    """A stream packetized by FFmpeg's own RTP muxer (through PyAV), not by our packetizer."""
+    async with RtpReceiver(local_description()) as receiver:
+        host, port = receiver.local_address
+        consumer = collecting(receiver, 30)
+        with av.open(f"rtp://{host}:{port}", "w", format="rtp") as output:
+            video = output.add_stream("libx264", rate=FPS)
+            video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+            video.options = {"g": "10", "keyint_min": "10", "sc_threshold": "0", "bf": "0", "tune": "zerolatency"}
+            for i in range(30):
+                picture_ = av.VideoFrame.from_ndarray(picture(i), format="bgr24")
+                picture_.pts, picture_.time_base = i, Fraction(1, FPS)
+                output.mux(video.encode(picture_))
+                await asyncio.sleep(0.005)
+            output.mux(video.encode(None))
+        received = await consumer
+    assert len(received) >= 29
+    assert [f.pts // TICKS for f in received if f.is_keyframe] == [0, 10, 20]
+
+
+def test_ffmpeg_plays_our_stream_from_our_sdp(tmp_path: Path) -> None:
+    """What `ffmpeg -protocol_whitelist file,udp,rtp -i out.sdp` does, through PyAV's SDP demuxer."""
+    import threading
+
+    port = free_udp_port()
+    sender = RtpSender("127.0.0.1", port, WIDTH, HEIGHT, FPS, gop=10)
+    sdp = tmp_path / "out.sdp"
+    sdp.write_text(sender.sdp())
+    stop = threading.Event()
+
+    def play() -> None:
+        index = 0
+        while not stop.is_set() and index < 500:
+            sender.send(frame(index))
+            index += 1
+            stop.wait(0.01)
+
+    player = threading.Thread(target=play)
+    options = {"protocol_whitelist": "file,udp,rtp"}
+    with sender:
+        player.start()
+        try:
+            with av.open(str(sdp), format="sdp", options=options, timeout=5) as container:
+                decoded = []
+                for picture_ in container.decode(video=0):
+                    decoded.append(picture_)
+                    if len(decoded) == 25:
+                        break
+        finally:
+            stop.set()
+            player.join()
+    assert len(decoded) == 25
+    assert (decoded[0].width, decoded[0].height) == (WIDTH, HEIGHT)
+    assert any(p.key_frame for p in decoded)
+
+
+async def test_slow_consumer_loses_old_frames_but_keeps_keyframes() -> None:
+    async with RtpReceiver(local_description(), max_queued_frames=4) as receiver:
+        with RtpSender(*receiver.local_address, WIDTH, HEIGHT, FPS, gop=100) as sender:
+            await send_all(sender, [frame(i) for i in range(12)])
+        await asyncio.sleep(0.1)
+        received = await collect(receiver, 4, timeout=1.0)
+        stats = receiver.stats
+    assert stats.frames_decoded == 12 and stats.frames_dropped == 8
+    assert [f.pts // TICKS for f in received] == [0, 9, 10, 11]  # the keyframe stays, the oldest others go
+    assert received[0].is_keyframe
+
+
+async def test_decoder_overload_drops_the_backlog_and_resumes_at_a_keyframe() -> None:
+    async with RtpReceiver(local_description(), max_queued_access_units=3) as receiver:
+        decode = receiver._decoder.decode
+
+        def slow_decode(unit, pts):
+            import time
+
+            time.sleep(0.03)
+            return decode(unit, pts)
+
+        receiver._decoder.decode = slow_decode
+        consumer = collecting(receiver, 40, timeout=1.0)
+        with RtpSender(*receiver.local_address, WIDTH, HEIGHT, FPS, gop=10) as sender:
+            await send_all(sender, [frame(i) for i in range(40)], interval=0.002)
+        received = await consumer
+        stats = receiver.stats
+    assert stats.access_units_dropped > 0
+    assert 0 < len(received) < 40
+    resumed = [f for previous, f in zip(received, received[1:]) if f.pts - previous.pts > TICKS]
+    assert all(f.is_keyframe for f in resumed), "after a dropped backlog decoding resumes at a keyframe"

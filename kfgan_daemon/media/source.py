@@ -69,12 +69,11 @@ class FileSource:
         self.truncated = False
         self.frames_decoded = 0
         self._iterated = False
-        self._container = self._open()
-        self._stream = self._container.streams.video[0]
+        self._container, self._stream = self._open()
         if threads:
             self._stream.thread_type = "AUTO"
 
-    def _open(self) -> av.container.InputContainer:
+    def _open(self) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
         if not self.path.exists():
             raise InputError(f"{self.path}: no such file")
         if self.path.is_dir():
@@ -87,14 +86,19 @@ class FileSource:
             ) from exc
         except (av.error.FFmpegError, OSError) as exc:
             raise InputError(f"{self.path}: cannot open ({ffmpeg_reason(exc)})") from exc
-        if not container.streams.video:
-            kinds = ", ".join(stream.type for stream in container.streams) or "none"
+        # Cover art is stored as a one-picture video stream; it is not the video.
+        videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        if not videos:
+            kinds = ", ".join(
+                "cover picture" if stream.disposition & av.stream.Disposition.attached_pic else stream.type
+                for stream in container.streams
+            ) or "none"
             container.close()
             raise NoVideoStreamError(f"{self.path}: no video stream (streams found: {kinds})")
-        if container.streams.video[0].codec_context is None:
+        if videos[0].codec_context is None:
             container.close()
             raise InputError(f"{self.path}: FFmpeg has no decoder for its video codec")
-        return container
+        return container, videos[0]
 
     # -- properties ---------------------------------------------------------------
 
@@ -109,6 +113,8 @@ class FileSource:
     @property
     def frame_rate(self) -> Fraction:
         rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
+        # Only a stream with no rate at all gets 25: pts still come from the decoder,
+        # the rate only times an output whose frames carry none.
         return Fraction(rate) if rate else Fraction(25)
 
     @property

@@ -147,7 +147,7 @@ class RtpReceiver:
         self._ssrc: int | None = None
         self._last_packet_at = 0.0
         self._last_pts: int | None = None
-        self._frame_interval = 90000 // int(description.frame_rate or 30)
+        self._frame_interval = round(90000 / float(description.frame_rate or 30))
         self._units: asyncio.Queue = asyncio.Queue()
         self._resync = False
         self._decoder_reset_pending = False
@@ -237,6 +237,11 @@ class RtpReceiver:
         return self._state
 
     @property
+    def colorspace(self) -> str | None:
+        """``"bt709"``/``"bt601"``/None as the stream's pictures are tagged; pass it to the sender or y4m writer."""
+        return self._decoder.colorspace
+
+    @property
     def local_address(self) -> tuple[str, int]:
         return self.host, self.port
 
@@ -321,9 +326,14 @@ class RtpReceiver:
         pts = self._timestamps(unit.timestamp)
         if self._units.qsize() >= self.max_queued_access_units:
             # Decoding cannot keep up: drop the backlog and restart at the next keyframe.
+            reset_pending = False
             while not self._units.empty():
-                if self._units.get_nowait() is not _RESET:
+                if self._units.get_nowait() is _RESET:
+                    reset_pending = True
+                else:
                     self._counts["overload_dropped"] += 1
+            if reset_pending:
+                self._units.put_nowait(_RESET)
             self._resync = True
             log.warning("RTP decoder overloaded; dropped the backlog, waiting for a keyframe")
         self._units.put_nowait((unit, pts))
@@ -357,7 +367,13 @@ class RtpReceiver:
                 self._resync = False
                 self._decoder.waiting_for_keyframe = True
             unit, pts = item
-            frames = await loop.run_in_executor(self._executor, self._decoder.decode, unit, pts)
+            try:
+                frames = await loop.run_in_executor(self._executor, self._decoder.decode, unit, pts)
+            except Exception:
+                # A decoder bug must not end the stream: this picture is lost, the next keyframe heals.
+                log.exception("decoding an access unit failed")
+                self._decoder.waiting_for_keyframe = True
+                continue
             for frame in frames:
                 self._deliver(frame)
             if frames and self._state == ReceiverState.STARTING:
@@ -366,8 +382,9 @@ class RtpReceiver:
     def _deliver(self, frame: DecodedFrame) -> None:
         self._last_pts = frame.pts
         if len(self._frames) >= self.max_queued_frames:
-            victim = next((queued for queued in self._frames if not queued.is_keyframe), self._frames[0])
-            self._frames.remove(victim)
+            # By position: frames hold arrays, so they cannot be found by equality.
+            victim = next((i for i, queued in enumerate(self._frames) if not queued.is_keyframe), 0)
+            del self._frames[victim]
             self._counts["frames_dropped"] += 1
         self._frames.append(frame)
         self._frame_ready.set()
