@@ -210,7 +210,7 @@ def render_grid(examples: list[Example], models: list[str]) -> np.ndarray | None
             tiles = [
                 _labelled(example.compressed, f"{example.clip} #{example.frame_index} input"),
                 _labelled(example.reference, "reference (warped keyframe)"),
-                _labelled(example.restored[model], f"{model}"),
+                _labelled(example.restored[model], f"{model}, with reference"),
                 _labelled(example.restored_without_reference[model], f"{model}, no reference"),
                 _labelled(example.original, "original"),
             ]

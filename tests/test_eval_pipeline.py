@@ -1,0 +1,150 @@
+"""The evaluation pipeline end to end: every row present, on a real talking head and on a clip with no face."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from kfgan_daemon.errors import InputError, MetricUnavailableError
+from kfgan_daemon.eval.evaluate import (
+    INPUT_KEY,
+    NO_REFERENCE_SUFFIX,
+    ModelSpec,
+    _ReferenceComposer,
+    compress_clip,
+    evaluate,
+    list_clips,
+    parse_model_option,
+)
+from kfgan_daemon.eval.vmaf import vmaf_unavailable_reason
+from kfgan_daemon.face import FaceTracker
+from kfgan_daemon.media import FileSource
+from kfgan_daemon.model.lite import LiteGenerator
+from kfgan_daemon.restore.settings import RestoreSettings
+from tests.clips import write_synthetic_clip
+
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "kfgan-lite.safetensors"
+REAL_CLIP = "d0.mp4"  # the shortest close-up
+
+
+def _random_lite() -> LiteGenerator:
+    """A LiteGenerator whose output differs from its input (the default init starts at the identity)."""
+    torch.manual_seed(0)
+    model = LiteGenerator(channels=8, blocks=1)
+    torch.nn.init.normal_(model.tail.weight, std=0.01)
+    return model.eval()
+
+
+def _model_under_test() -> ModelSpec:
+    if SHIPPED_MODEL.is_file():
+        return ModelSpec("kfgan-lite", SHIPPED_MODEL)
+    return ModelSpec("lite-random", _random_lite())
+
+
+def _keys(rows) -> list[str]:
+    return [row.key for row in rows]
+
+
+@pytest.fixture(scope="module")
+def real_clip(media_dir: Path) -> Path:
+    clip = media_dir / REAL_CLIP
+    if not clip.is_file():
+        pytest.skip(f"{clip} not found")
+    return clip
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_eval_on_a_real_clip_produces_every_row(real_clip, tmp_path):
+    spec = _model_under_test()
+    report = evaluate([real_clip], crf=42, models=[spec], out_dir=tmp_path, reference_mode="hq", max_frames=6)
+    (clip,) = report.clips
+    assert clip.frames == 6 and clip.keyframes >= 1
+    assert clip.face_frames >= 5, "the HOG tracker should find the close-up face"
+    expected = [INPUT_KEY, spec.name, spec.name + NO_REFERENCE_SUFFIX]
+    assert _keys(clip.rows) == expected and _keys(report.average) == expected
+    source, restored, ablation = clip.rows
+    # CRF 42 really degrades: the compressed face is measurably off, yet recognisably the same picture.
+    assert 20.0 < source.face_psnr < 45.0 and 0.5 < source.face_ssim < 0.99
+    assert 20.0 < source.frame_psnr < 45.0
+    for row in (restored, ablation):
+        assert row.face_psnr is not None and row.frame_ssim is not None
+        assert row.restored_frames > 0
+    # The first frame is an I-frame with a face, so every face frame has a keyframe reference.
+    assert restored.restored_frames == clip.face_frames and restored.note is None
+    assert restored.face_psnr != pytest.approx(source.face_psnr, abs=1e-6)
+
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["key"] for r in data["clips"][0]["rows"]] == expected
+    markdown = (tmp_path / "eval.md").read_text()
+    assert f"{spec.name} + hq keyframes" in markdown and f"{spec.name}, no reference" in markdown
+    grid = cv2.imread(str(tmp_path / "grid.png"))
+    assert grid.shape == (256 + 22, 5 * 256, 3)
+
+
+@pytest.mark.shared
+def test_hq_references_come_from_the_original_and_stream_ones_from_the_decoded_frame(real_clip, tmp_path):
+    compressed_path = tmp_path / "c.mp4"
+    compress_clip(real_clip, compressed_path, crf=42, gop_seconds=1.0, max_frames=1)
+    with FileSource(real_clip) as originals, FileSource(compressed_path) as compresseds:
+        original, compressed = next(iter(originals)), next(iter(compresseds))
+    assert compressed.is_keyframe
+    tracker = FaceTracker()
+    samples = {}
+    for mode in ("hq", "stream"):
+        tracker.reset()
+        samples[mode] = _ReferenceComposer(tracker, RestoreSettings(), mode).prepare(compressed, original)
+    hq, stream = samples["hq"], samples["stream"]
+    # On the keyframe itself the reference is the stored crop warped onto its own landmarks (about the identity).
+    assert np.abs(hq.job.reference.astype(int) - hq.truth).mean() < 3.0
+    assert np.abs(stream.job.reference.astype(int) - stream.compressed).mean() < 3.0
+    assert np.abs(hq.truth.astype(int) - hq.compressed).mean() > 1.0, "CRF 42 should change the crop"
+    # The ablation feeds the degraded crop as its own reference.
+    assert np.array_equal(hq.ablation.reference, hq.compressed)
+    assert np.array_equal(hq.matrix, stream.matrix)
+
+
+def test_eval_without_a_face_keeps_every_row_and_reports_face_metrics_as_missing(tmp_path):
+    clip = write_synthetic_clip(tmp_path / "noface.mp4", frames=12, width=160, height=128, fps=10)
+    report = evaluate(tmp_path / "noface.mp4", crf=42, models=[ModelSpec("lite-random", _random_lite())], out_dir=tmp_path / "out")
+    (result,) = report.clips
+    assert result.clip == "noface" and result.frames == 12 and result.face_frames == 0
+    assert _keys(result.rows) == [INPUT_KEY, "lite-random", "lite-random" + NO_REFERENCE_SUFFIX]
+    for row in result.rows:
+        assert row.face_psnr is None and row.face_ssim is None
+        assert "no face found" in row.note
+        assert 10.0 < row.frame_psnr < 60.0 and 0.0 < row.frame_ssim < 1.0
+        assert row.restored_frames == 0
+    # Every row passed the frames through, so whole-frame numbers are the compressed input's.
+    assert len({row.frame_psnr for row in result.rows}) == 1
+    assert "no face found" in result.note
+    data = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert all(row["face_psnr"] is None for row in data["average"])
+    assert "n/a" in (tmp_path / "out" / "eval.md").read_text()
+    assert not (tmp_path / "out" / "grid.png").exists()
+    assert clip.is_file()
+
+
+def test_eval_refuses_bad_requests(tmp_path):
+    with pytest.raises(InputError, match="reference mode"):
+        evaluate(tmp_path, crf=42, models=[], out_dir=tmp_path, reference_mode="best")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="CRF"):
+        evaluate(tmp_path, crf=60, models=[], out_dir=tmp_path)
+    with pytest.raises(InputError, match="no video clips"):
+        list_clips(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        parse_model_option(f"mine={tmp_path / 'missing.safetensors'}")
+    if vmaf_unavailable_reason() is not None:
+        with pytest.raises(MetricUnavailableError, match="vmaf-torch"):
+            evaluate(tmp_path, crf=42, models=[], out_dir=tmp_path, vmaf=True)
+
+
+def test_model_option_takes_an_optional_name(tmp_path):
+    checkpoint = tmp_path / "kfgan-lite.safetensors"
+    checkpoint.write_bytes(b"not read here")
+    assert parse_model_option(str(checkpoint)) == ModelSpec("kfgan-lite", checkpoint)
+    assert parse_model_option(f"mine={checkpoint}") == ModelSpec("mine", checkpoint)
