@@ -170,3 +170,30 @@ def _toml(raw: dict) -> str:
             elif value is not None:
                 lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def test_exported_weights_rebuild_the_same_generator(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from kfgan_daemon.model.lite import LiteGenerator
+    from kfgan_daemon.train.trainer import export_checkpoint
+
+    trainer = Trainer(parse_config(_config(tmp_path)))
+    for step in range(2):
+        trainer.train_step(trainer.batches.batch(step))
+    path = export_checkpoint(trainer.save_checkpoint(), tmp_path / "lite.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert metadata["variant"] == "lite"
+    rebuilt = LiteGenerator(**json.loads(metadata["config"]))
+    rebuilt.load_state_dict(tensors)
+    inputs = trainer.batches.batch(0)
+    trainer.generator.eval()
+    with torch.inference_mode():
+        expected = trainer.generator(inputs.compressed, inputs.reference, inputs.landmarks)
+        assert torch.equal(rebuilt.eval()(inputs.compressed, inputs.reference, inputs.landmarks), expected)
+    half = export_checkpoint(tmp_path / "run" / LAST_CHECKPOINT, tmp_path / "half.safetensors", half=True)
+    assert half.stat().st_size < path.stat().st_size * 0.6
+    with pytest.raises(ModelError, match="cannot read"):
+        export_checkpoint(tmp_path / "missing.pt", tmp_path / "x.safetensors")

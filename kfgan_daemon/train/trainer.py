@@ -447,6 +447,22 @@ def export_generator(generator: nn.Module, path: Path | str, variant: str, half:
     return path
 
 
+def export_checkpoint(checkpoint: Path | str, path: Path | str, half: bool = False) -> Path:
+    """Export the generator of a training checkpoint (``best.pt`` or ``last.pt``) as .safetensors."""
+    checkpoint = Path(checkpoint)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for a bad file
+        raise ModelError(f"{checkpoint}: cannot read the training checkpoint ({exc})") from exc
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("variant") != "lite":
+        raise ModelError(f"{checkpoint} is not a lite training checkpoint of this trainer")
+    from kfgan_daemon.model.lite import LiteGenerator
+
+    generator = LiteGenerator(**state["generator_config"])
+    generator.load_state_dict(state["generator"])
+    return export_generator(generator, path, "lite", half=half)
+
+
 def train(config_path: Path, resume: bool = True, max_steps: int | None = None, progress: bool = True) -> TrainResult:
     """``kfgan-daemon train --config FILE``: train as configured, continuing from
     ``<run.dir>/last.pt`` when it exists and ``resume`` is true."""
