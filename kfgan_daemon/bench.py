@@ -85,13 +85,7 @@ def run_offline_bench(
     last_job: FaceJob | None = None
     with FileSource(clip) as source, tempfile.TemporaryDirectory() as tmp:
         width, height = source.width, source.height
-        sink = FileSink(
-            Path(tmp) / "bench.mp4",
-            width=width,
-            height=height,
-            frame_rate=source.frame_rate,
-            time_base=source.time_base,
-        )
+        sink = FileSink.like(source, Path(tmp) / "bench.mp4", audio_from=None)
         frames = iter(source)
         start = time.perf_counter()
         with sink:

@@ -68,18 +68,14 @@ def restore_file(
     restorer = StreamRestorer(settings)
     start = time.perf_counter()
     with FileSource(source_path) as source:
-        width = source.width * (2 if compare else 1)
-        sink = FileSink(
+        sink = FileSink.like(
+            source,
             output_path,
-            width=width,
-            height=source.height,
-            frame_rate=source.frame_rate,
-            time_base=source.time_base,
+            width=source.width * (2 if compare else 1),
             crf=encode.crf,
             bitrate=encode.bitrate,
             preset=encode.preset,
             gop=encode.gop,
-            audio_from=source_path if source.has_audio else None,
         )
         with sink, tqdm(total=source.frame_count, unit="frame", disable=not progress, desc="restore") as bar:
             for frame in source:
