@@ -117,6 +117,6 @@ def run_offline_bench(
         seconds=seconds,
         stage_ms=stats.timer.mean_ms(),
         stage_calls={name: total.count for name, total in stats.timer.totals.items()},
-        detector_calls=getattr(restorer.tracker, "detections", None),
+        detector_calls=restorer.tracker.stats.detector_runs,
         micro_ms=micro,
     )

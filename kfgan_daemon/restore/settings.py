@@ -9,7 +9,7 @@ from typing import Literal
 @dataclass(frozen=True, slots=True)
 class RestoreSettings:
     detector: Literal["hog", "cnn"] = "hog"
-    redetect_interval: int = 30
+    redetect_interval: int = 15
     keyframe_store_size: int = 10
     keyframe_policy: Literal["lfu", "max_distance"] = "lfu"
     warp_mode: Literal["fast", "published"] = "fast"
