@@ -26,6 +26,7 @@ from kfgan_daemon.media import FileSource
 from kfgan_daemon.model.lite import LiteGenerator
 from kfgan_daemon.restore.settings import RestoreSettings
 from tests.clips import write_synthetic_clip
+from tests.test_eval_lpips import write_random_lpips_weights
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "kfgan-lite.safetensors"
 REAL_CLIP = "d0.mp4"  # the shortest close-up
@@ -61,19 +62,20 @@ def real_clip(media_dir: Path) -> Path:
 @pytest.mark.slow
 def test_eval_on_a_real_clip_produces_every_row(real_clip, tmp_path):
     spec = _model_under_test()
-    report = evaluate([real_clip], crf=42, models=[spec], out_dir=tmp_path, reference_mode="hq", max_frames=6)
+    lpips = write_random_lpips_weights(tmp_path)
+    report = evaluate([real_clip], crf=42, models=[spec], out_dir=tmp_path, reference_mode="hq", max_frames=4, lpips=lpips)
     (clip,) = report.clips
-    assert clip.frames == 6 and clip.keyframes >= 1
-    assert clip.face_frames >= 5, "the HOG tracker should find the close-up face"
+    assert clip.frames == 4 and clip.keyframes >= 1
+    assert clip.face_frames >= 3, "the HOG tracker should find the close-up face"
     expected = [INPUT_KEY, spec.name, spec.name + NO_REFERENCE_SUFFIX]
     assert _keys(clip.rows) == expected and _keys(report.average) == expected
     source, restored, ablation = clip.rows
     # CRF 42 really degrades: the compressed face is measurably off, yet recognisably the same picture.
     assert 20.0 < source.face_psnr < 45.0 and 0.5 < source.face_ssim < 0.99
     assert 20.0 < source.frame_psnr < 45.0
-    for row in (restored, ablation):
-        assert row.face_psnr is not None and row.frame_ssim is not None
-        assert row.restored_frames > 0
+    for row in (source, restored, ablation):
+        assert row.face_psnr is not None and row.frame_ssim is not None and row.face_lpips > 0
+    assert ablation.restored_frames == clip.face_frames
     # The first frame is an I-frame with a face, so every face frame has a keyframe reference.
     assert restored.restored_frames == clip.face_frames and restored.note is None
     assert restored.face_psnr != pytest.approx(source.face_psnr, abs=1e-6)
@@ -82,6 +84,7 @@ def test_eval_on_a_real_clip_produces_every_row(real_clip, tmp_path):
     assert [r["key"] for r in data["clips"][0]["rows"]] == expected
     markdown = (tmp_path / "eval.md").read_text()
     assert f"{spec.name} + hq keyframes" in markdown and f"{spec.name}, no reference" in markdown
+    assert "face LPIPS" in markdown and "LPIPS-alex" in markdown
     grid = cv2.imread(str(tmp_path / "grid.png"))
     assert grid.shape == (256 + 22, 5 * 256, 3)
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from kfgan_daemon.errors import InputError, MetricUnavailableError
 from kfgan_daemon.eval import metrics
+from kfgan_daemon.eval.lpips import Lpips, LpipsWeights
 from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
 from kfgan_daemon.eval.report import ClipResult, EvalReport, Example, RowResult, average_rows, write_grid, write_json, write_markdown
 from kfgan_daemon.face import FaceTracker, align_face, landmark_image, mls_warp, paste_back
@@ -171,6 +172,7 @@ class _RowAccumulator:
     model: str | None
     face_psnr: list[float] = field(default_factory=list)
     face_ssim: list[float] = field(default_factory=list)
+    face_lpips: list[float] = field(default_factory=list)
     frame_psnr: list[float] = field(default_factory=list)
     frame_ssim: list[float] = field(default_factory=list)
     restored_frames: int = 0
@@ -193,6 +195,7 @@ class _RowAccumulator:
             model=self.model,
             face_psnr=mean(self.face_psnr),
             face_ssim=mean(self.face_ssim),
+            face_lpips=mean(self.face_lpips),
             frame_psnr=mean(self.frame_psnr),
             frame_ssim=mean(self.frame_ssim),
             frames=frames,
@@ -215,6 +218,7 @@ class _ClipMeasurement:
         example_at: int,
         vmaf: bool = False,
         device: str = "cpu",
+        lpips: Lpips | None = None,
     ) -> None:
         self.clip = clip
         self.models = models
@@ -229,6 +233,7 @@ class _ClipMeasurement:
         self.example: Example | None = None
         self._early_example: Example | None = None
         self.vmaf = VmafMeter(device) if vmaf else None
+        self.lpips = lpips
 
     def add(self, original: DecodedFrame, compressed: DecodedFrame, sample: _Sample | None) -> None:
         self.frames += 1
@@ -253,19 +258,28 @@ class _ClipMeasurement:
             if candidate is not None:
                 candidate.restored[model.name] = outputs[0]
                 candidate.restored_without_reference[model.name] = outputs[-1]
-        images = {}
-        for key, row in self.rows.items():
+        faces, images = {}, {}
+        for key in self.rows:
             # A model row without a stored keyframe yet passes the face through, as the daemon does.
             crop = crops.get(key)
-            row.add_face(sample.compressed if crop is None else crop, sample.truth, self.channel)
+            faces[key] = sample.compressed if crop is None else crop
             pasted = crop is not None and key != INPUT_KEY
             images[key] = paste_back(compressed.image, crop, sample.matrix) if pasted else compressed.image
+        self._measure_faces(sample.truth, faces)
         self._measure_frames(original, images)
         if candidate is not None:
             if compressed.index < self.example_at:
                 self._early_example = candidate
             elif self.example is None:
                 self.example = candidate
+
+    def _measure_faces(self, truth: np.ndarray, faces: dict[str, np.ndarray]) -> None:
+        for key, crop in faces.items():
+            self.rows[key].add_face(crop, truth, self.channel)
+        if self.lpips is not None:
+            distances = self.lpips.distance(list(faces.values()), [truth] * len(faces))
+            for key, distance in zip(faces, distances):
+                self.rows[key].face_lpips.append(distance)
 
     def _measure_frames(self, original: DecodedFrame, images: dict[str, np.ndarray]) -> None:
         for key, image in images.items():
@@ -315,6 +329,7 @@ def evaluate_clip(
     progress: bool = False,
     vmaf: bool = False,
     device: str = "cpu",
+    lpips: Lpips | None = None,
 ) -> tuple[ClipResult, Example | None]:
     """Measure one already compressed clip against its original; returns the clip's rows and an example."""
     settings = settings or RestoreSettings()
@@ -328,7 +343,15 @@ def evaluate_clip(
             raise InputError(f"{compressed_path} is not the same size as {original_path}")
         limit = _frame_limit(original_source.frame_count, max_frames)
         measurement = _ClipMeasurement(
-            original_path.stem, models, reference_mode, crf, ssim_channel, (limit or 0) // 2, vmaf=vmaf, device=device
+            original_path.stem,
+            models,
+            reference_mode,
+            crf,
+            ssim_channel,
+            (limit or 0) // 2,
+            vmaf=vmaf,
+            device=device,
+            lpips=lpips,
         )
         originals, compresseds = iter(original_source), iter(compressed_source)
         with tqdm(total=limit, unit="frame", desc=original_path.stem, disable=not progress) as bar:
@@ -376,6 +399,7 @@ def evaluate(
     device: str = "cpu",
     ssim_channel: metrics.SsimChannel = "y",
     vmaf: bool = False,
+    lpips: LpipsWeights | None = None,
     keep_compressed: bool = False,
     progress: bool = False,
     write: bool = True,
@@ -383,7 +407,8 @@ def evaluate(
     """Evaluate ``models`` on ``clips`` compressed at ``crf``; writes eval.json, eval.md and grid.png to ``out_dir``.
 
     ``vmaf`` adds VMAF and VMAF-NEG on whole frames (needs the optional vmaf-torch;
-    slow on a CPU, about half a second per 512x512 frame and row). ``keep_compressed``
+    slow on a CPU, about half a second per 512x512 frame and row). ``lpips`` adds LPIPS on
+    the face crops from the user's weight files (see ``eval.lpips``). ``keep_compressed``
     keeps the re-encoded clips in ``out_dir/compressed``; ``write=False`` only returns the report.
     """
     if reference_mode not in REFERENCE_MODES:
@@ -396,6 +421,13 @@ def evaluate(
     if vmaf and unavailable:
         raise MetricUnavailableError(unavailable)
     vmaf_note = None if vmaf else unavailable or "VMAF not measured: not requested (vmaf=True, --vmaf)"
+    lpips_model = Lpips.from_files(lpips).to(device) if lpips is not None else None
+    lpips_note = (
+        f"LPIPS-{lpips.net} on the aligned face crops (RGB scaled to [-1, 1]), weights {Path(lpips.backbone).name} "
+        f"+ {Path(lpips.heads).name}"
+        if lpips
+        else "LPIPS not measured: give the backbone and LPIPS head weight files (no download)"
+    )
     settings = settings or RestoreSettings()
     clip_paths = list_clips(clips)
     loaded = _load_models(models, device)
@@ -428,6 +460,7 @@ def evaluate(
                 progress=progress,
                 vmaf=vmaf,
                 device=device,
+                lpips=lpips_model,
             )
             results.append(result)
             if example is not None:
@@ -442,6 +475,7 @@ def evaluate(
         clips=results,
         average=average_rows(results),
         vmaf_note=vmaf_note,
+        lpips_note=lpips_note,
         examples=examples,
     )
     if write:

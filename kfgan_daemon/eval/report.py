@@ -12,10 +12,13 @@ import numpy as np
 
 from kfgan_daemon.errors import OutputError
 
-METRICS = ("face_psnr", "face_ssim", "frame_psnr", "frame_ssim", "vmaf", "vmaf_neg")
+METRICS = ("face_psnr", "face_ssim", "face_lpips", "frame_psnr", "frame_ssim", "vmaf", "vmaf_neg")
+# Shown only when some row has a value: they need optional packages or user-given weights.
+OPTIONAL_METRICS = ("face_lpips", "vmaf", "vmaf_neg")
 _HEADINGS = {
     "face_psnr": "face PSNR (dB)",
     "face_ssim": "face SSIM",
+    "face_lpips": "face LPIPS",
     "frame_psnr": "frame PSNR (dB)",
     "frame_ssim": "frame SSIM",
     "vmaf": "VMAF",
@@ -36,6 +39,7 @@ class RowResult:
     model: str | None
     face_psnr: float | None = None
     face_ssim: float | None = None
+    face_lpips: float | None = None
     frame_psnr: float | None = None
     frame_ssim: float | None = None
     vmaf: float | None = None
@@ -83,6 +87,7 @@ class EvalReport:
     clips: list[ClipResult]
     average: list[RowResult]
     vmaf_note: str | None = None
+    lpips_note: str | None = None
     examples: list[Example] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,6 +99,7 @@ class EvalReport:
             "models": list(self.models),
             "conventions": dict(self.conventions),
             "vmaf_note": self.vmaf_note,
+            "lpips_note": self.lpips_note,
             "clips": [asdict(clip) for clip in self.clips],
             "average": [asdict(row) for row in self.average],
         }
@@ -142,13 +148,17 @@ def write_json(report: EvalReport, path: Path) -> Path:
 def _format(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if metric.endswith("ssim"):
+    if metric.endswith(("ssim", "lpips")):
         return f"{value:.4f}"
     return f"{value:.2f}"
 
 
-def markdown_table(rows: list[RowResult], show_vmaf: bool) -> str:
-    metrics = [m for m in METRICS if show_vmaf or not m.startswith("vmaf")]
+def measured_metrics(rows: list[RowResult]) -> list[str]:
+    """Every core metric, and the optional ones that some row has a value for."""
+    return [m for m in METRICS if m not in OPTIONAL_METRICS or any(getattr(r, m) is not None for r in rows)]
+
+
+def markdown_table(rows: list[RowResult], metrics: list[str]) -> str:
     header = ["row", *(_HEADINGS[m] for m in metrics), "frames with face", "restored"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
     for row in rows:
@@ -160,7 +170,7 @@ def markdown_table(rows: list[RowResult], show_vmaf: bool) -> str:
 
 
 def render_markdown(report: EvalReport) -> str:
-    show_vmaf = any(row.vmaf is not None for clip in report.clips for row in clip.rows)
+    metrics = measured_metrics([row for clip in report.clips for row in clip.rows])
     gop = f"{report.gop_seconds:g} s"
     limit = f", first {report.max_frames} frames of each clip" if report.max_frames else ""
     parts = [
@@ -170,7 +180,7 @@ def render_markdown(report: EvalReport) -> str:
         "",
         f"## Average over {len(report.clips)} clip(s)",
         "",
-        markdown_table(report.average, show_vmaf),
+        markdown_table(report.average, metrics),
     ]
     for clip in report.clips:
         parts += [
@@ -181,11 +191,13 @@ def render_markdown(report: EvalReport) -> str:
         ]
         if clip.note:
             parts += [f"Note: {clip.note}", ""]
-        parts.append(markdown_table(clip.rows, show_vmaf))
+        parts.append(markdown_table(clip.rows, metrics))
     parts += ["", "## How the numbers were computed", ""]
     parts += [f"- {name}: {text}" for name, text in report.conventions.items()]
     if report.vmaf_note:
         parts.append(f"- vmaf: {report.vmaf_note}")
+    if report.lpips_note:
+        parts.append(f"- lpips: {report.lpips_note}")
     return "\n".join(parts) + "\n"
 
 
