@@ -13,8 +13,9 @@ class RestoreSettings:
     keyframe_store_size: int = 10
     keyframe_policy: Literal["lfu", "max_distance"] = "lfu"
     warp_mode: Literal["fast", "published"] = "fast"
-    # Mean per-landmark distance (crop pixels) above which the stored keyframes
-    # are too far from the current pose to help; the WebRTC path then asks for a PLI.
-    pli_distance_threshold: float = 12.0
+    # Root-mean-square landmark distance (crop pixels) between the current face and the
+    # nearest stored keyframe above which the store cannot help this pose; the WebRTC
+    # path then asks the sender for a fresh I-frame (PLI).
+    pli_distance_threshold: float = 8.0
     predictor_path: Path | None = None
     detector_path: Path | None = None

@@ -5,21 +5,18 @@ without an event loop; the streaming engine only decides when each step runs.
 """
 from __future__ import annotations
 
-import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from kfgan_daemon.face import FaceTracker, align_face, landmark_image, mls_warp, paste_back
+from kfgan_daemon.face import AlignedFace, FaceTracker, align_face, landmark_image, mls_warp, paste_back
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore.generator import CropGenerator
 from kfgan_daemon.restore.job import FaceJob
 from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.restore.timing import StageTimer
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class RestoreStats:
@@ -31,7 +28,6 @@ class RestoreStats:
     keyframes_seen: int = 0
     keyframes_stored: int = 0
     timer: StageTimer = field(default_factory=StageTimer)
-
 
 class StreamRestorer:
     """Tracks the speaker of one stream, keeps its keyframes and builds generator jobs."""
@@ -61,7 +57,10 @@ class StreamRestorer:
         if self._last_crop_landmarks is None:
             return False
         distance = self.store.nearest_distance(self._last_crop_landmarks)
-        return distance is not None and distance > self.settings.pli_distance_threshold
+        if distance is None:
+            return True
+        rms = distance / math.sqrt(len(self._last_crop_landmarks))
+        return rms > self.settings.pli_distance_threshold
 
     def prepare(self, frame: DecodedFrame) -> FaceJob | None:
         """Find and align the face, store it if the frame is a keyframe, and build the generator's inputs.
@@ -83,8 +82,7 @@ class StreamRestorer:
             aligned = align_face(frame.image, landmarks)
         self._last_crop_landmarks = aligned.crop_landmarks
         if frame.is_keyframe:
-            self.store.offer(frame.index, aligned.crop_landmarks, aligned.crop)
-            self.stats.keyframes_stored += 1
+            self._offer(frame, aligned)
         with timer.stage("select"):
             entry = self.store.select(aligned.crop_landmarks)
         if entry is None:
@@ -112,9 +110,11 @@ class StreamRestorer:
             landmarks = self.tracker.update(frame.image)
         if landmarks is None:
             return
-        aligned = align_face(frame.image, landmarks)
-        self.store.offer(frame.index, aligned.crop_landmarks, aligned.crop)
-        self.stats.keyframes_stored += 1
+        self._offer(frame, align_face(frame.image, landmarks))
+
+    def _offer(self, frame: DecodedFrame, aligned: AlignedFace) -> None:
+        if self.store.offer(frame.index, aligned.crop_landmarks, aligned.crop):
+            self.stats.keyframes_stored += 1
 
     def complete(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> DecodedFrame:
         """Blend the restored crop back into the frame."""
