@@ -30,8 +30,8 @@ from tqdm import tqdm
 from kfgan_daemon.errors import InputError, MetricUnavailableError
 from kfgan_daemon.eval import metrics
 from kfgan_daemon.eval.lpips import Lpips, LpipsWeights
-from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
 from kfgan_daemon.eval.report import ClipResult, EvalReport, Example, RowResult, average_rows, write_grid, write_json, write_markdown
+from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
 from kfgan_daemon.face import FaceTracker, align_face, landmark_image, mls_warp, paste_back
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media import FileSource, encode_h264_file
@@ -113,9 +113,9 @@ def _load_module(spec: ModelSpec, device: str) -> nn.Module:
 def _load_models(models: Iterable[ModelSpec | Path | str], device: str) -> list[_LoadedModel]:
     loaded: list[_LoadedModel] = []
     for spec in map(ModelSpec.of, models):
+        if spec.name == INPUT_KEY or any(m.name == spec.name for m in loaded):
+            raise InputError(f"a model is named {spec.name!r} twice or like a built-in row; name it with NAME=PATH")
         module = _load_module(spec, device)
-        if any(m.name == spec.name for m in loaded):
-            raise InputError(f"two models are named {spec.name!r}; name them with NAME=PATH")
         loaded.append(_LoadedModel(spec.name, CropGenerator(module, device=device)))
     return loaded
 
@@ -143,7 +143,6 @@ class _ReferenceComposer:
         self.settings = settings
         self.reference_mode = reference_mode
         self.store = KeyframeStore(settings.keyframe_store_size, policy=settings.keyframe_policy)
-        self.keyframes_stored = 0
 
     def prepare(self, compressed: DecodedFrame, original: DecodedFrame) -> _Sample | None:
         landmarks = self.tracker.update(compressed.image)
@@ -154,7 +153,6 @@ class _ReferenceComposer:
         if compressed.is_keyframe:
             key_crop = truth.crop if self.reference_mode == "hq" else aligned.crop
             self.store.offer(compressed.index, aligned.crop_landmarks, key_crop)
-            self.keyframes_stored += 1
         marks = landmark_image(aligned.crop_landmarks)
         ablation = FaceJob(aligned.crop, aligned.crop, marks, aligned.matrix, aligned.crop_landmarks, -1)
         entry = self.store.select(aligned.crop_landmarks)
