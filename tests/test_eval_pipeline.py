@@ -151,3 +151,26 @@ def test_model_option_takes_an_optional_name(tmp_path):
     checkpoint.write_bytes(b"not read here")
     assert parse_model_option(str(checkpoint)) == ModelSpec("kfgan-lite", checkpoint)
     assert parse_model_option(f"mine={checkpoint}") == ModelSpec("mine", checkpoint)
+
+
+@pytest.mark.shared
+def test_stream_mode_builds_the_same_generator_inputs_as_the_daemon(real_clip, tmp_path):
+    from kfgan_daemon.restore import StreamRestorer
+
+    compressed_path = tmp_path / "c.mp4"
+    compress_clip(real_clip, compressed_path, crf=42, gop_seconds=0.2, max_frames=8)
+    settings = RestoreSettings()
+    restorer = StreamRestorer(settings)
+    composer = _ReferenceComposer(FaceTracker(redetect_interval=settings.redetect_interval), settings, "stream")
+    compared = 0
+    with FileSource(real_clip) as originals, FileSource(compressed_path) as compresseds:
+        for original, compressed in zip(originals, compresseds):
+            daemon_job, sample = restorer.prepare(compressed), composer.prepare(compressed, original)
+            if daemon_job is None:
+                assert sample is None or sample.job is None
+                continue
+            assert sample.job.key_id == daemon_job.key_id
+            for name in ("compressed", "reference", "landmark_image", "matrix", "crop_landmarks"):
+                assert np.array_equal(getattr(sample.job, name), getattr(daemon_job, name)), name
+            compared += 1
+    assert compared >= 6 and restorer.stats.keyframes_stored >= 2
