@@ -65,6 +65,7 @@ class StreamEngine:
         """Start the inference worker and the CPU threads. Idempotent."""
         if self._started:
             return
+        self._limit_cpu_inference_threads()
         self._executor = ThreadPoolExecutor(max_workers=self.settings.cpu_threads, thread_name_prefix="kfgan-cpu")
         self._worker = InferenceWorker(
             self.generator,
@@ -92,6 +93,16 @@ class StreamEngine:
     @property
     def running(self) -> bool:
         return self._started
+
+    def _limit_cpu_inference_threads(self) -> None:
+        threads = self.settings.inference_threads
+        if threads is None or not self.device.startswith("cpu"):
+            return
+        import torch
+
+        if torch.get_num_threads() != threads:
+            log.info("CPU generator: %d intra-op thread(s) (was %d)", threads, torch.get_num_threads())
+            torch.set_num_threads(threads)
 
     async def __aenter__(self) -> "StreamEngine":
         await self.start()

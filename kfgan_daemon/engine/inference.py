@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kfgan_daemon.engine.estimate import ServiceTime
 from kfgan_daemon.engine.metrics import EngineMetrics
 from kfgan_daemon.errors import EngineError
 
@@ -40,33 +41,6 @@ class BatchRecord:
     size: int
     streams: frozenset[str]
     seconds: float
-
-
-class ServiceTime:
-    """Running estimate of the generator's seconds per batch, by batch size.
-
-    A size never seen is predicted from the nearest smaller size seen, scaled
-    linearly (a CPU's cost; a GPU does better, so this errs on the safe side),
-    or from the nearest larger one as is. Nothing seen yet predicts 0.
-    """
-
-    def __init__(self, smoothing: float = 0.2) -> None:
-        self.smoothing = smoothing
-        self._seconds: dict[int, float] = {}
-
-    def observe(self, size: int, seconds: float) -> None:
-        previous = self._seconds.get(size)
-        self._seconds[size] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
-
-    def predict(self, size: int) -> float:
-        if size in self._seconds:
-            return self._seconds[size]
-        smaller = [k for k in self._seconds if k < size]
-        if smaller:
-            k = max(smaller)
-            return self._seconds[k] * size / k
-        larger = [k for k in self._seconds if k > size]
-        return self._seconds[min(larger)] if larger else 0.0
 
 
 class InferenceWorker:
@@ -148,8 +122,8 @@ class InferenceWorker:
         full_batches, rest = divmod(jobs, self.max_batch)
         return (
             start
-            + full_batches * self.service_time.predict(self.max_batch)
-            + (self.service_time.predict(rest) if rest else 0.0)
+            + full_batches * self.service_time.predict(self.max_batch, now)
+            + (self.service_time.predict(rest, now) if rest else 0.0)
         )
 
     async def submit(self, job: FaceJob, stream_id: str, deadline: float | None = None) -> asyncio.Future[np.ndarray]:
@@ -229,7 +203,7 @@ class InferenceWorker:
                 continue
             live.append(request)
         while live:
-            finish = now + self.service_time.predict(len(live))
+            finish = now + self.service_time.predict(len(live), now)
             late = [r for r in live if r.deadline is not None and r.deadline < finish]
             if not late:
                 break
@@ -245,7 +219,7 @@ class InferenceWorker:
     async def _execute(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
         jobs = [request.job for request in batch]
         start = time.perf_counter()
-        self._busy_until = time.monotonic() + self.service_time.predict(len(jobs))
+        self._busy_until = time.monotonic() + self.service_time.predict(len(jobs), time.monotonic())
         try:
             crops = await loop.run_in_executor(self._executor, self._call, jobs)
         except Exception as exc:  # the generator failed: isolate the job that did it
@@ -267,7 +241,7 @@ class InferenceWorker:
         if request.future.done():
             return
         start = time.perf_counter()
-        self._busy_until = time.monotonic() + self.service_time.predict(1)
+        self._busy_until = time.monotonic() + self.service_time.predict(1, time.monotonic())
         try:
             (crop,) = await loop.run_in_executor(self._executor, self._call, [request.job])
         except Exception as exc:

@@ -1,13 +1,15 @@
-"""One live stream inside the engine: ordered, bounded, and never slower than its deadline.
+"""One live stream inside the engine: ordered, bounded, and never later than its deadline.
 
-A stream runs two tasks. The *prepare* task takes submitted frames in order,
-decides whether each can still be restored in time, runs the face stage in a
-thread and hands the face job to the shared inference worker. The *emit* task
-takes the same records in the same order, waits for each crop (at most until
-the frame's deadline in a real-time stream), pastes it back in a thread and
-publishes the result. Two tasks and FIFO hand-offs keep the output order equal
-to the input order while the face stage of frame N+1 overlaps the generator
-work of frame N.
+Every submitted frame becomes a record that enters two FIFO queues. The *face*
+task takes records in order, decides whether each can still be restored in
+time, runs the face stage in a thread and hands the face job to the shared
+inference worker, whose answer resolves the record. The *emit* task takes the
+same records in the same order and waits for each, in a real-time stream at
+most until the frame's deadline: a frame whose face stage or generator is late
+(a slow first detection, an overloaded generator) goes out unrestored or is
+dropped on time, whatever the face task is still doing. Two tasks and FIFO
+hand-offs keep the output order equal to the input order while the face stage
+of frame N+1 overlaps the generator work of frame N.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from kfgan_daemon.engine.estimate import RecentDuration
 from kfgan_daemon.engine.inference import InferenceWorker
 from kfgan_daemon.engine.metrics import EngineMetrics
 from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
@@ -37,7 +40,6 @@ log = logging.getLogger(__name__)
 
 FPS_WINDOW = 1.0
 LATENCY_HISTORY = 1024
-TYPICAL_SMOOTHING = 0.2
 
 
 class FrameRestorer(Protocol):
@@ -123,21 +125,27 @@ _END = _End()
 
 
 @dataclass(slots=True)
-class _Arrival:
-    frame: DecodedFrame
-    arrival: float
+class _Result:
+    """How the face task (or the generator) settled a frame. ``late``: it cannot be restored in time."""
+
+    outcome: Outcome | None
+    job: FaceJob | None = None
+    crop: np.ndarray | None = None
+    late: bool = False
+
+
+_LATE = _Result(None, late=True)
 
 
 @dataclass(slots=True)
 class _Record:
-    """One frame between the two tasks: either finished already, or waiting for its crop."""
+    """One frame on its way through the stream."""
 
     frame: DecodedFrame
     arrival: float
-    outcome: Outcome | None = None  # set when finished without the generator
-    job: FaceJob | None = None
-    future: asyncio.Future[np.ndarray] | None = None
-    deadline: float | None = None
+    deadline: float | None  # time.monotonic(); None when every frame is restored
+    result: asyncio.Future[_Result]  # cancelled by the emit task when it gives up on the frame
+    inference: asyncio.Future[np.ndarray] | None = None
 
 
 @dataclass(slots=True)
@@ -190,13 +198,15 @@ class LiveStream:
         self._executor = executor
         self._metrics = metrics
         self._on_closed = on_closed
-        self._inbox: asyncio.Queue[_Arrival | _End] = asyncio.Queue(settings.inbox_size)
-        self._pending: asyncio.Queue[_Record | _End] = asyncio.Queue(settings.max_in_flight + settings.inbox_size)
+        # _order holds every frame not yet emitted and bounds the stream; _work the
+        # ones the face task has not reached yet (always a subset of _order).
+        self._order: asyncio.Queue[_Record | _End] = asyncio.Queue(settings.inbox_size + settings.max_in_flight)
+        self._work: asyncio.Queue[_Record | _End] = asyncio.Queue()
         self._outbox: asyncio.Queue[StreamOutput | _End] = asyncio.Queue(settings.outbox_size)
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
         self._gauges = _Gauges()
         # running means of the CPU stages, for judging whether a frame can still make its deadline
-        self._typical = {"prepare": 0.0, "complete": 0.0}
+        self._typical = {"prepare": RecentDuration(), "complete": RecentDuration()}
         # The restorer is touched from the executor threads; this lock keeps the
         # face stage (tracker, keyframe store) single-threaded per stream.
         self._face_lock = threading.Lock()
@@ -213,7 +223,7 @@ class LiveStream:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._prepare_loop(), name=f"kfgan-stream-{self.id}-prepare"),
+            loop.create_task(self._face_loop(), name=f"kfgan-stream-{self.id}-face"),
             loop.create_task(self._emit_loop(), name=f"kfgan-stream-{self.id}-emit"),
         ]
         for task in self._tasks:
@@ -255,19 +265,20 @@ class LiveStream:
         await self._closed.wait()
 
     async def _drain(self) -> None:
-        await self._inbox.put(_END)
+        await self._order.put(_END)
+        self._work.put_nowait(_END)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _abort(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        while not self._pending.empty():
-            record = self._pending.get_nowait()
-            if isinstance(record, _Record) and record.future is not None:
-                record.future.cancel()
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
+        while not self._order.empty():
+            record = self._order.get_nowait()
+            if isinstance(record, _Record):
+                self._abandon(record)
+        while not self._work.empty():
+            self._work.get_nowait()
         self._put_end_nowait()
         self._update_queue_gauges()
 
@@ -285,12 +296,13 @@ class LiveStream:
     # ---- producer / consumer --------------------------------------------
 
     async def submit(self, frame: DecodedFrame, arrival: float | None = None) -> None:
-        """Hand one decoded frame to the stream.
+        """Hand one decoded frame to the stream (from one producer task).
 
         ``arrival`` is when the frame became available (``time.monotonic()``;
-        for RTP the arrival of its last packet); latency is measured from it.
-        Waits only while the inbox is full: briefly in a real-time stream,
-        which sheds late frames, for as long as the consumer needs in a file one.
+        for RTP the arrival of its last packet); latency and the real-time
+        deadline are measured from it. Waits only while the stream holds
+        ``inbox_size + max_in_flight`` frames: in a real-time stream that is
+        bounded by the deadline, in a file stream it is the backpressure.
         """
         if not self._accepting:
             raise StreamClosedError(f"stream {self.id} is closed")
@@ -301,7 +313,10 @@ class LiveStream:
         if frame.is_keyframe:
             self.stats.keyframes += 1
             self._metrics.keyframes.labels(self.id).inc()
-        await self._inbox.put(_Arrival(frame, arrival))
+        deadline = arrival + self.settings.max_latency if self.realtime else None
+        record = _Record(frame, arrival, deadline, asyncio.get_running_loop().create_future())
+        await self._order.put(record)
+        self._work.put_nowait(record)
         self._update_queue_gauges()
 
     async def results(self) -> AsyncIterator[StreamOutput]:
@@ -361,68 +376,80 @@ class LiveStream:
         )
 
     def queue_depths(self) -> dict[str, int]:
-        return {"inbox": self._inbox.qsize(), "pending": self._pending.qsize(), "outbox": self._outbox.qsize()}
+        """inbox: frames the face stage has not reached; pending: frames not yet emitted; outbox: not yet read."""
+        return {"inbox": self._work.qsize(), "pending": self._order.qsize(), "outbox": self._outbox.qsize()}
 
-    # ---- prepare task -------------------------------------------------------
+    # ---- face task --------------------------------------------------------
 
-    async def _prepare_loop(self) -> None:
+    async def _face_loop(self) -> None:
         while True:
-            item = await self._inbox.get()
+            record = await self._work.get()
             self._update_queue_gauges()
-            if isinstance(item, _End):
-                await self._pending.put(_END)
+            if isinstance(record, _End):
                 return
-            record = await self._prepare_one(item)
-            if record is not None:
-                await self._pending.put(record)
+            await self._face_stage(record)
 
-    async def _prepare_one(self, item: _Arrival) -> _Record | None:
-        frame = item.frame
-        if self.realtime and self._must_shed(item):
+    async def _face_stage(self, record: _Record) -> None:
+        frame = record.frame
+        if record.result.done() or (self.realtime and self._must_shed(record)):
+            # Given up on, or hopeless: only an I-frame still matters, for the keyframe store.
             await self._observe_keyframe(frame)
-            return self._shed(item)
+            _settle(record, _LATE)
+            return
         try:
             job = await self._in_thread("prepare", self._prepare_face, frame)
         except Exception as exc:
-            return self._failed(item, "prepare", exc)
+            self._count_error("prepare", exc)
+            _settle(record, _Result(Outcome.ERROR))
+            return
         if job is None:
-            return _Record(frame, item.arrival, outcome=Outcome.SKIPPED)
-        deadline = item.arrival + self.settings.max_latency if self.realtime else None
-        if deadline is not None and (time.monotonic() >= deadline or self._in_flight.locked()):
-            return self._shed(item)  # prepare already offered an I-frame to the store
-        await self._in_flight.acquire()
+            _settle(record, _Result(Outcome.SKIPPED))
+            return
+        if record.result.done():
+            return  # given up on while its face was prepared (an I-frame is stored already)
+        if record.deadline is not None and self._expected_done(time.monotonic()) > record.deadline:
+            _settle(record, _LATE)
+            return
+        await self._in_flight.acquire()  # never waits in real time: _must_shed saw a free slot
         try:
-            future = await self._worker.submit(job, self.id, deadline)
+            future = await self._worker.submit(job, self.id, record.deadline)
         except EngineError as exc:
             self._in_flight.release()
-            return self._failed(item, "inference", exc)
+            self._count_error("inference", exc)
+            _settle(record, _Result(Outcome.ERROR))
+            return
+        record.inference = future
         submitted = time.monotonic()
-        future.add_done_callback(lambda f: self._observe_inference(f, submitted))
-        return _Record(frame, item.arrival, job=job, future=future, deadline=deadline)
+        future.add_done_callback(lambda done: self._inference_done(record, job, submitted, done))
 
-    def _must_shed(self, item: _Arrival) -> bool:
+    def _inference_done(self, record: _Record, job: FaceJob, submitted: float, future: asyncio.Future) -> None:
+        self._in_flight.release()
+        if future.cancelled():
+            _settle(record, _LATE)  # the worker saw it could not finish in time, or the emit task gave up
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._count_error("inference", exc)
+            _settle(record, _Result(Outcome.ERROR))
+            return
+        self._metrics.stage_seconds.labels(self.id, "inference").observe(time.monotonic() - submitted)
+        _settle(record, _Result(Outcome.RESTORED, job, future.result()))
+
+    def _must_shed(self, record: _Record) -> bool:
         """True when this frame cannot be restored before its deadline, judged before spending CPU on it."""
         now = time.monotonic()
         if (
-            now - item.arrival >= self.settings.shed_threshold
+            now - record.arrival >= self.settings.shed_threshold
             or self._in_flight.locked()
-            or self._inbox.qsize() >= max(1, self.settings.inbox_size - 1)
+            or self._work.qsize() >= max(1, self.settings.inbox_size - 1)
         ):
             return True
-        done = self._worker.expected_finish(now + self._typical["prepare"]) + self._typical["complete"]
-        return done > item.arrival + self.settings.max_latency
+        assert record.deadline is not None
+        return self._expected_done(now + self._typical["prepare"].predict(now)) > record.deadline
 
-    def _shed(self, item: _Arrival) -> _Record | None:
-        self.stats.deadline_misses += 1
-        self._metrics.deadline_misses.labels(self.id).inc()
-        return self._overload_record(item.frame, item.arrival)
-
-    def _overload_record(self, frame: DecodedFrame, arrival: float) -> _Record | None:
-        if self.policy == "drop":
-            self.stats.dropped += 1
-            self._metrics.frames.labels(self.id, "dropped").inc()
-            return None
-        return _Record(frame, arrival, outcome=Outcome.PASSTHROUGH)
+    def _expected_done(self, job_ready: float) -> float:
+        """When a frame whose face job is ready at ``job_ready`` would probably be restored."""
+        return self._worker.expected_finish(job_ready) + self._typical["complete"].predict(job_ready)
 
     async def _observe_keyframe(self, frame: DecodedFrame) -> None:
         if not frame.is_keyframe:
@@ -431,10 +458,6 @@ class LiveStream:
             await self._in_thread("observe_keyframe", self._observe_face, frame)
         except Exception as exc:
             self._count_error("observe_keyframe", exc)
-
-    def _failed(self, item: _Arrival, stage: str, exc: BaseException) -> _Record:
-        self._count_error(stage, exc)
-        return _Record(item.frame, item.arrival, outcome=Outcome.ERROR)
 
     def _count_error(self, stage: str, exc: BaseException) -> None:
         self.stats.errors += 1
@@ -446,50 +469,48 @@ class LiveStream:
 
     async def _emit_loop(self) -> None:
         while True:
-            record = await self._pending.get()
+            record = await self._order.get()
             self._update_queue_gauges()
             if isinstance(record, _End):
                 await self._put_output(None)
                 return
-            output = await self._resolve(record)
+            output = await self._emit_one(record)
             if output is not None:
                 await self._put_output(output)
 
-    async def _resolve(self, record: _Record) -> StreamOutput | None:
-        if record.future is None:
-            assert record.outcome is not None
-            if record.outcome is Outcome.PASSTHROUGH:
-                self.restorer.pass_through(record.frame)
-            return StreamOutput(record.frame, record.outcome, record.arrival)
-        try:
-            return await self._finish(record)
-        finally:
-            self._in_flight.release()
-
-    async def _finish(self, record: _Record) -> StreamOutput | None:
-        future = record.future
-        assert future is not None and record.job is not None
+    async def _emit_one(self, record: _Record) -> StreamOutput | None:
+        frame = record.frame
         timeout = None if record.deadline is None else max(0.0, record.deadline - time.monotonic())
-        done, _ = await asyncio.wait({future}, timeout=timeout)
-        if not done or future.cancelled():
-            future.cancel()  # withdraws the job if the worker has not taken it yet
+        done, _ = await asyncio.wait({record.result}, timeout=timeout)
+        if not done:
+            self._abandon(record)
+            result = _LATE
+        else:
+            result = record.result.result()
+        if result.late:
             self.stats.deadline_misses += 1
             self._metrics.deadline_misses.labels(self.id).inc()
-            late = self._overload_record(record.frame, record.arrival)
-            if late is None:
+            if self.policy == "drop":
+                self.stats.dropped += 1
+                self._metrics.frames.labels(self.id, "dropped").inc()
                 return None
-            self.restorer.pass_through(record.frame)
-            return StreamOutput(record.frame, Outcome.PASSTHROUGH, record.arrival)
-        exc = future.exception()
-        if exc is not None:
-            self._count_error("inference", exc)
-            return StreamOutput(record.frame, Outcome.ERROR, record.arrival)
+            self.restorer.pass_through(frame)
+            return StreamOutput(frame, Outcome.PASSTHROUGH, record.arrival)
+        assert result.outcome is not None
+        if result.outcome is not Outcome.RESTORED:
+            return StreamOutput(frame, result.outcome, record.arrival)
         try:
-            restored = await self._in_thread("complete", self.restorer.complete, record.frame, record.job, future.result())
+            restored = await self._in_thread("complete", self.restorer.complete, frame, result.job, result.crop)
         except Exception as exc:
             self._count_error("complete", exc)
-            return StreamOutput(record.frame, Outcome.ERROR, record.arrival)
+            return StreamOutput(frame, Outcome.ERROR, record.arrival)
         return StreamOutput(restored, Outcome.RESTORED, record.arrival)
+
+    @staticmethod
+    def _abandon(record: _Record) -> None:
+        record.result.cancel()
+        if record.inference is not None:
+            record.inference.cancel()  # withdraws the job if the worker has not taken it yet
 
     async def _put_output(self, output: StreamOutput | None) -> None:
         if output is not None:
@@ -556,7 +577,7 @@ class LiveStream:
             seconds = time.perf_counter() - start
             self._metrics.stage_seconds.labels(self.id, stage).observe(seconds)
             if stage in self._typical:
-                self._typical[stage] += TYPICAL_SMOOTHING * (seconds - self._typical[stage])
+                self._typical[stage].observe(seconds)
 
     def _prepare_face(self, frame: DecodedFrame) -> FaceJob | None:
         with self._face_lock:
@@ -582,10 +603,11 @@ class LiveStream:
         if store is not None:
             self._keyframes_stored = len(store)
 
-    def _observe_inference(self, future: asyncio.Future[np.ndarray], submitted: float) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._metrics.stage_seconds.labels(self.id, "inference").observe(time.monotonic() - submitted)
-
     def _update_queue_gauges(self) -> None:
         for name, depth in self.queue_depths().items():
             self._metrics.queue_depth.labels(self.id, name).set(depth)
+
+
+def _settle(record: _Record, result: _Result) -> None:
+    if not record.result.done():
+        record.result.set_result(result)

@@ -1,0 +1,240 @@
+"""`pipe` end to end on loopback: a real H.264 RTP sender, the pipe, and a real RTP receiver or y4m reader."""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clips import write_synthetic_clip
+from kfgan_daemon.engine import EngineSettings, Outcome
+from kfgan_daemon.engine.pipe import EncoderOptions, PipeSummary, SentFrame, run_pipe
+from kfgan_daemon.engine.rtpclip import EncodedClip, RtpClipSender, encode_clip
+from kfgan_daemon.errors import ConfigError, InputError
+from kfgan_daemon.media.rtp import RtpReceiver
+from kfgan_daemon.model.lite import LiteGenerator
+from kfgan_daemon.restore import CropGenerator
+
+pytestmark = pytest.mark.timeout(120)
+
+FPS = 25
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def identity_generator() -> CropGenerator:
+    """A real generator module (LiteGenerator starts as the identity); the synthetic clips have no face anyway."""
+    torch.manual_seed(0)
+    return CropGenerator(LiteGenerator())
+
+
+@pytest.fixture(scope="module")
+def synthetic_clip(tmp_path_factory: pytest.TempPathFactory) -> EncodedClip:
+    path = write_synthetic_clip(tmp_path_factory.mktemp("pipe") / "synthetic.mp4", frames=50, width=320, height=240, gop=10)
+    return encode_clip(path, gop=10, crf=28)
+
+
+class Loopback:
+    """A clip sender, the pipe between, and (for RTP outputs) a receiver of what the pipe sends."""
+
+    def __init__(self, clip: EncodedClip, tmp_path: Path, output: str | None = None) -> None:
+        self.sender = RtpClipSender(clip, "127.0.0.1", free_udp_port())
+        self.input_sdp = tmp_path / "in.sdp"
+        self.input_sdp.write_text(self.sender.session_description().to_sdp())
+        self.output_port = free_udp_port()
+        self.output = output or f"rtp://127.0.0.1:{self.output_port}"
+        self.output_sdp = tmp_path / "out.sdp" if self.output != "-" else None
+        self.stop = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.sent: list[SentFrame] = []
+
+    def pipe(self, generator=None, **options) -> asyncio.Task[PipeSummary]:
+        options.setdefault("handle_signals", False)
+        return asyncio.create_task(
+            run_pipe(
+                self.input_sdp,
+                self.output,
+                generator or identity_generator(),
+                output_sdp=self.output_sdp,
+                stop=self.stop,
+                on_sent=self.sent.append,
+                on_ready=lambda receiver: self.ready.set(),
+                **options,
+            )
+        )
+
+    async def finish(self, task: asyncio.Task[PipeSummary], settle: float = 0.4) -> PipeSummary:
+        await asyncio.sleep(settle)  # let the last frames through
+        self.stop.set()
+        return await asyncio.wait_for(task, 20)
+
+
+async def receive_output(sdp: Path, stop: asyncio.Event) -> tuple[list, RtpReceiver]:
+    frames = []
+    receiver = RtpReceiver.from_sdp(sdp)
+    await receiver.start()
+
+    async def read() -> None:
+        async for frame in receiver:
+            frames.append(frame)
+
+    reader = asyncio.create_task(read())
+    await stop.wait()
+    await asyncio.sleep(0.3)
+    await receiver.close()
+    await asyncio.gather(reader, return_exceptions=True)
+    return frames, receiver
+
+
+async def test_rtp_stream_through_the_pipe_comes_out_decodable_with_keyframes(
+    synthetic_clip: EncodedClip, tmp_path: Path
+) -> None:
+    loop = Loopback(synthetic_clip, tmp_path)
+    task = loop.pipe(encoder=EncoderOptions(crf=23, gop=10))
+    await asyncio.wait_for(loop.ready.wait(), 10)
+    out_done = asyncio.Event()
+    output = asyncio.create_task(receive_output(loop.output_sdp, out_done))
+    await asyncio.sleep(0.1)
+    async with loop.sender as sender:
+        report = await sender.play()
+    summary = await loop.finish(task)
+    out_done.set()
+    frames, receiver = await output
+    print("\n" + summary.describe())
+    assert report.frames == 50
+    # the pipe tagged every I-frame it received as a keyframe (from the decoder, not by counting)
+    assert summary.engine.keyframes == sum(report.keyframes) == 5
+    assert summary.receiver.keyframes == 5
+    assert summary.frames_sent == summary.engine.received == 50
+    # the output is real H.264 over RTP: an independent receiver decodes >= 95% of the frames, I-frames tagged
+    assert len(frames) >= 0.95 * 50
+    assert sum(frame.is_keyframe for frame in frames) >= 4
+    assert frames[0].image.shape == (240, 320, 3)
+    assert "m=video" in loop.output_sdp.read_text()
+    assert summary.latency_p95_ms is not None and summary.latency_p95_ms < 500
+
+
+async def test_y4m_output_on_stdout(synthetic_clip: EncodedClip, tmp_path: Path) -> None:
+    loop = Loopback(synthetic_clip, tmp_path, output="-")
+    stdout = io.BytesIO()
+    task = loop.pipe(stdout=stdout)
+    await asyncio.wait_for(loop.ready.wait(), 10)
+    async with loop.sender as sender:
+        await sender.play(frames=20)
+    summary = await loop.finish(task)
+    data = stdout.getvalue()
+    header = data.split(b"\n", 1)[0].decode()
+    assert header.startswith("YUV4MPEG2 W320 H240 F25:1")
+    assert data.count(b"FRAME\n") == summary.frames_sent >= 19
+    assert len(data) == len(header) + 1 + summary.frames_sent * (len(b"FRAME\n") + 320 * 240 * 3 // 2)
+
+
+async def test_start_between_keyframes_loss_corruption_and_garbage_are_survived(
+    synthetic_clip: EncodedClip, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(7)
+
+    def damage(picture: int, number: int, datagram: bytes) -> bytes | None:
+        if picture in (14, 33) and number == 0:
+            return None  # lost packets
+        if picture in (17, 26):  # corrupt H.264 payload behind an intact RTP header
+            body = bytearray(datagram)
+            body[13:] = rng.integers(0, 256, len(body) - 13, dtype=np.uint8).tobytes()
+            return bytes(body)
+        return datagram
+
+    loop = Loopback(synthetic_clip, tmp_path)
+    task = loop.pipe()
+    await asyncio.wait_for(loop.ready.wait(), 10)
+    async with loop.sender as sender:
+        sender.send_raw(b"not rtp at all")
+        sender.send_raw(b"\x80\x60\x00")  # truncated RTP header
+        # start at frame 5: the first 5 pictures reference an I-frame the pipe never saw
+        report = await sender.play(frames=45, start_frame=5, packet_filter=damage)
+        sender.send_raw(b"\x80" * 7)
+    summary = await loop.finish(task)
+    print("\n" + summary.describe())
+    rx = summary.receiver
+    assert rx.packets_malformed >= 2 and rx.packets_lost >= 1
+    assert rx.access_units_dropped >= 5  # waited for the first keyframe (frame 10)
+    assert summary.engine.received >= 40 - 2 - 5  # everything decodable from frame 10 on, minus losses
+    assert summary.frames_sent == summary.engine.received
+    assert summary.engine.errors == 0
+    assert report.dropped_packets == 2
+
+
+async def test_sender_going_silent_is_reported_and_recovered_from(synthetic_clip: EncodedClip, tmp_path: Path) -> None:
+    loop = Loopback(synthetic_clip, tmp_path)
+    task = loop.pipe(silence_timeout=0.4)
+    await asyncio.wait_for(loop.ready.wait(), 10)
+    async with loop.sender as sender:
+        await sender.play(frames=20)
+        await asyncio.sleep(1.0)
+        sent_before = len(loop.sent)
+        assert sent_before >= 19
+        await sender.play(frames=20, start_frame=20, first_timestamp=20 * 3600)
+    summary = await loop.finish(task)
+    assert summary.input_silences == 1
+    assert summary.frames_sent >= 39 and len(loop.sent) - sent_before >= 19
+
+
+async def test_sigterm_stops_the_pipe_cleanly(synthetic_clip: EncodedClip, tmp_path: Path) -> None:
+    loop = Loopback(synthetic_clip, tmp_path)
+    task = loop.pipe(handle_signals=True)
+    await asyncio.wait_for(loop.ready.wait(), 10)
+    async with loop.sender as sender:
+        await sender.play(frames=10)
+    await asyncio.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGTERM)
+    summary = await asyncio.wait_for(task, 10)
+    assert summary.frames_sent >= 9
+    assert summary.sender is not None and summary.sender.frames_sent == summary.frames_sent
+
+
+async def test_bad_sdp_and_bad_output_are_clear_errors(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.sdp"
+    garbage.write_bytes(b"\x00\xffthis is not a session description")
+    with pytest.raises(InputError, match="not an SDP"):
+        await run_pipe(garbage, "-", identity_generator(), handle_signals=False)
+    audio_only = tmp_path / "audio.sdp"
+    audio_only.write_text("v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 5004 RTP/AVP 0\r\n")
+    with pytest.raises(InputError, match="no video"):
+        await run_pipe(audio_only, "-", identity_generator(), handle_signals=False)
+    with pytest.raises(InputError, match="cannot read"):
+        await run_pipe(tmp_path / "missing.sdp", "-", identity_generator(), handle_signals=False)
+    valid = tmp_path / "in.sdp"
+    valid.write_text(f"v=0\r\nc=IN IP4 127.0.0.1\r\nm=video {free_udp_port()} RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n")
+    with pytest.raises(ConfigError, match="output"):
+        await run_pipe(valid, "udp://127.0.0.1:5000", identity_generator(), handle_signals=False)
+    with pytest.raises(ConfigError, match="IP address"):
+        await run_pipe(valid, "rtp://localhost:5000", identity_generator(), handle_signals=False)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+async def test_pipe_restores_a_real_face(media_dir: Path, tmp_path: Path) -> None:
+    from test_engine_real import lite_generator
+
+    clip = encode_clip(media_dir / "d12.mp4", max_frames=50, crf=40, gop=10)
+    loop = Loopback(clip, tmp_path, output="-")
+    stdout = io.BytesIO()
+    task = loop.pipe(generator=lite_generator(), stdout=stdout, engine_settings=EngineSettings(max_latency=0.25))
+    await asyncio.wait_for(loop.ready.wait(), 10)
+    async with loop.sender as sender:
+        await sender.play()
+    summary = await loop.finish(task, settle=0.6)
+    print("\n" + summary.describe())
+    restored = [item for item in loop.sent if item.output.outcome is Outcome.RESTORED]
+    assert summary.frames_sent >= 0.95 * 50
+    assert len(restored) >= 10, summary.engine
+    assert summary.engine.keyframes == 5
