@@ -443,6 +443,7 @@ def export_generator(generator: nn.Module, path: Path | str, variant: str, half:
     metadata = {"variant": variant, "config": json.dumps(dict(getattr(generator, "config", {})), sort_keys=True)}
     partial = path.with_name(f".{path.name}.partial")
     save_file(tensors, str(partial), metadata=metadata)
+    os.chmod(partial, 0o644)  # a shipped model file, readable by the service user
     os.replace(partial, path)
     return path
 
