@@ -197,3 +197,50 @@ def test_exported_weights_rebuild_the_same_generator(tmp_path: Path) -> None:
     assert half.stat().st_size < path.stat().st_size * 0.6
     with pytest.raises(ModelError, match="cannot read"):
         export_checkpoint(tmp_path / "missing.pt", tmp_path / "x.safetensors")
+
+
+class _TinyMultiScaleDiscriminator(torch.nn.Module):
+    """Stands in for the model package's discriminator: four scales, one map each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scales = torch.nn.ModuleList(torch.nn.Conv2d(3, 1, 3, padding=1) for _ in range(4))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for index, conv in enumerate(self.scales):
+            outputs.append(conv(torch.nn.functional.avg_pool2d(images, 2**index)))
+        return outputs
+
+
+def test_paper_losses_with_a_discriminator_train_and_resume_exactly(tmp_path: Path, monkeypatch) -> None:
+    import kfgan_daemon.model
+
+    from test_train_losses import _tiny_vgg_file
+
+    monkeypatch.setattr(kfgan_daemon.model, "MultiScaleDiscriminator", _TinyMultiScaleDiscriminator, raising=False)
+    vgg = _tiny_vgg_file(tmp_path / "vgg19.pth")
+    raw = _config(
+        tmp_path,
+        loss={"charbonnier": 0.0, "ssim": 0.0, "gradient": 0.0, "mse": 300.0, "perceptual": 10.0, "style": 1.0,
+              "adversarial": 2.0, "vgg_weights": str(vgg)},
+        data={"patch_size": 32},
+    )
+    config = parse_config(raw)
+    straight = Trainer(config)
+    d_before = _params(straight.discriminator)
+    values = straight.train_step(straight.batches.batch(0))
+    assert set(values) == {"mse", "perceptual", "style", "adversarial", "discriminator", "loss"}
+    assert values["loss"] == pytest.approx(sum(v for k, v in values.items() if k not in ("loss", "discriminator")))
+    assert any(not torch.equal(v, d_before[k]) for k, v in _params(straight.discriminator).items())
+    straight.train_step(straight.batches.batch(1))
+
+    first = Trainer(config)
+    first.train_step(first.batches.batch(0))
+    path = first.save_checkpoint()
+    resumed = Trainer(config)
+    resumed.load_checkpoint(path)
+    resumed.train_step(resumed.batches.batch(1))
+    for mine, theirs in ((straight.generator, resumed.generator), (straight.discriminator, resumed.discriminator)):
+        expected, got = _params(mine), _params(theirs)
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
