@@ -181,10 +181,13 @@ async def test_sender_going_silent_is_reported_and_recovered_from(synthetic_clip
         await sender.play(frames=20)
         await asyncio.sleep(1.0)
         sent_before = len(loop.sent)
+        assert task.done() is False
         assert sent_before >= 19
         await sender.play(frames=20, start_frame=20, first_timestamp=20 * 3600)
     summary = await loop.finish(task)
-    assert summary.input_silences == 1
+    # the pause (and perhaps the end of the stream, before the pipe was stopped) was reported
+    assert summary.input_silences >= 1
+    # and the frames after the pause came through again
     assert summary.frames_sent >= 39 and len(loop.sent) - sent_before >= 19
 
 
@@ -238,3 +241,18 @@ async def test_pipe_restores_a_real_face(media_dir: Path, tmp_path: Path) -> Non
     assert summary.frames_sent >= 0.95 * 50
     assert len(restored) >= 10, summary.engine
     assert summary.engine.keyframes == 5
+
+
+async def test_live_bench_measures_latency_and_sustained_rate(tmp_path: Path) -> None:
+    from kfgan_daemon.engine.livebench import live_bench
+
+    clip = write_synthetic_clip(tmp_path / "bench.mp4", frames=25, width=320, height=240, gop=25)
+    result = await live_bench(clip, identity_generator(), seconds=2.0, warmup=0.5, fps=FPS)
+    print("\n" + result.describe())
+    assert (result.width, result.height, result.target_fps) == (320, 240, 25.0)
+    assert 45 <= result.frames_sent <= 55
+    assert result.frames_received >= 0.9 * result.frames_sent
+    assert result.frames_out == result.skipped + result.passthrough + result.restored
+    assert result.latency_p50_ms is not None and 0 < result.latency_p50_ms <= result.latency_p95_ms < 1000
+    assert 20 <= result.sustained_fps <= 30
+    assert "total" in result.stage_ms and "prepare" in result.stage_ms

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
-STAGES = ("prepare", "observe_keyframe", "inference", "complete", "total")
+STAGES = ("prepare", "observe_keyframe", "inference", "complete", "pass_through", "total")
 OUTCOMES = ("restored", "skipped", "passthrough", "dropped", "error")
 QUEUES = ("inbox", "pending", "outbox")
 

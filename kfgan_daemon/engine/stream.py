@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FPS_WINDOW = 1.0
 LATENCY_HISTORY = 1024
+STAGE_HISTORY = 512
 
 
 class FrameRestorer(Protocol):
@@ -112,6 +113,7 @@ class StreamInfo:
     keyframes_stored: int | None
     needs_keyframe: bool
     last_error: str | None = None
+    stage_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,6 +154,13 @@ class _Record:
 class _Gauges:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
     emitted_at: deque[float] = field(default_factory=deque)
+    stages: dict[str, deque[float]] = field(default_factory=dict)
+
+    def add_stage(self, stage: str, seconds: float) -> None:
+        history = self.stages.get(stage)
+        if history is None:
+            history = self.stages.setdefault(stage, deque(maxlen=STAGE_HISTORY))
+        history.append(seconds)
 
 
 class LiveStream:
@@ -205,7 +214,7 @@ class LiveStream:
         self._outbox: asyncio.Queue[StreamOutput | _End] = asyncio.Queue(settings.outbox_size)
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
         self._gauges = _Gauges()
-        # running means of the CPU stages, for judging whether a frame can still make its deadline
+        # recent durations of the CPU stages, for judging whether a frame can still make its deadline
         self._typical = {"prepare": RecentDuration(), "complete": RecentDuration()}
         # The restorer is touched from the executor threads; this lock keeps the
         # face stage (tracker, keyframe store) single-threaded per stream.
@@ -357,6 +366,12 @@ class LiveStream:
             return [None for _ in quantiles]
         return [float(np.quantile(values, q)) for q in quantiles]
 
+    def stage_ms(self) -> dict[str, float]:
+        """Median milliseconds of each engine stage over the last frames (prepare, inference, complete, total...)."""
+        return {
+            stage: 1000 * float(np.median(list(history))) for stage, history in self._gauges.stages.items() if history
+        }
+
     def info(self) -> StreamInfo:
         p50, p95 = self.latency_quantiles(0.5, 0.95)
         return StreamInfo(
@@ -373,6 +388,7 @@ class LiveStream:
             keyframes_stored=self._keyframes_stored,
             needs_keyframe=self._needs_keyframe,
             last_error=self.last_error,
+            stage_ms=self.stage_ms(),
         )
 
     def queue_depths(self) -> dict[str, int]:
@@ -432,7 +448,9 @@ class LiveStream:
             self._count_error("inference", exc)
             _settle(record, _Result(Outcome.ERROR))
             return
-        self._metrics.stage_seconds.labels(self.id, "inference").observe(time.monotonic() - submitted)
+        seconds = time.monotonic() - submitted
+        self._metrics.stage_seconds.labels(self.id, "inference").observe(seconds)
+        self._gauges.add_stage("inference", seconds)
         _settle(record, _Result(Outcome.RESTORED, job, future.result()))
 
     def _must_shed(self, record: _Record) -> bool:
@@ -494,7 +512,10 @@ class LiveStream:
                 self.stats.dropped += 1
                 self._metrics.frames.labels(self.id, "dropped").inc()
                 return None
-            self.restorer.pass_through(frame)
+            try:
+                self.restorer.pass_through(frame)
+            except Exception as exc:
+                self._count_error("pass_through", exc)
             return StreamOutput(frame, Outcome.PASSTHROUGH, record.arrival)
         assert result.outcome is not None
         if result.outcome is not Outcome.RESTORED:
@@ -553,6 +574,7 @@ class LiveStream:
             self.stats.passthrough += 1
         self._metrics.frames.labels(self.id, outcome.value).inc()
         self._metrics.stage_seconds.labels(self.id, "total").observe(output.latency)
+        self._gauges.add_stage("total", output.latency)
         self._gauges.latencies.append(output.latency)
         self._gauges.emitted_at.append(now)
         self._trim_fps(now)
@@ -576,6 +598,7 @@ class LiveStream:
         finally:
             seconds = time.perf_counter() - start
             self._metrics.stage_seconds.labels(self.id, stage).observe(seconds)
+            self._gauges.add_stage(stage, seconds)
             if stage in self._typical:
                 self._typical[stage].observe(seconds)
 
