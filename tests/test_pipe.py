@@ -6,11 +6,13 @@ import io
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from clips import write_synthetic_clip
 from kfgan_daemon.engine import EngineSettings, Outcome
@@ -124,6 +126,40 @@ async def test_rtp_stream_through_the_pipe_comes_out_decodable_with_keyframes(
     assert summary.latency_p95_ms is not None and summary.latency_p95_ms < 500
 
 
+# What ``ffmpeg -i out.sdp`` does, through PyAV in another process: FFmpeg's own RTP demuxer
+# and decoder, until two seconds pass without data. Prints "width height keyframe" per picture.
+FFMPEG_PLAYER = """
+import sys, av, av.error
+options = {"protocol_whitelist": "file,udp,rtp", "reorder_queue_size": "0", "analyzeduration": "500000"}
+container = av.open(sys.argv[1], format="sdp", options=options, timeout=(20, 2))
+try:
+    for picture in container.decode(video=0):
+        print(picture.width, picture.height, int(picture.key_frame), flush=True)
+except av.error.ExitError:
+    pass
+"""
+
+
+@pytest.mark.slow
+async def test_output_sdp_plays_in_ffmpeg(synthetic_clip: EncodedClip, tmp_path: Path) -> None:
+    loop = Loopback(synthetic_clip, tmp_path)
+    task = loop.pipe(encoder=EncoderOptions(gop=10))
+    await asyncio.wait_for(loop.ready.wait(), 10)
+    player = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FFMPEG_PLAYER, str(loop.output_sdp), stdout=asyncio.subprocess.PIPE
+    )
+    await asyncio.sleep(1.0)  # FFmpeg opens the SDP and binds the port
+    async with loop.sender as sender:
+        await sender.play()
+    summary = await loop.finish(task)
+    output, _ = await asyncio.wait_for(player.communicate(), 30)
+    pictures = [tuple(map(int, line.split())) for line in output.decode().splitlines()]
+    assert summary.frames_sent == 50
+    assert len(pictures) >= 48
+    assert pictures[0][:2] == (320, 240)
+    assert sum(keyframe for _, _, keyframe in pictures) >= 4  # our GOP of 10
+
+
 async def test_y4m_output_on_stdout(synthetic_clip: EncodedClip, tmp_path: Path) -> None:
     loop = Loopback(synthetic_clip, tmp_path, output="-")
     stdout = io.BytesIO()
@@ -154,7 +190,8 @@ async def test_start_between_keyframes_loss_corruption_and_garbage_are_survived(
         return datagram
 
     loop = Loopback(synthetic_clip, tmp_path)
-    task = loop.pipe()
+    registry = CollectorRegistry()
+    task = loop.pipe(registry=registry)
     await asyncio.wait_for(loop.ready.wait(), 10)
     async with loop.sender as sender:
         sender.send_raw(b"not rtp at all")
@@ -162,6 +199,11 @@ async def test_start_between_keyframes_loss_corruption_and_garbage_are_survived(
         # start at frame 5: the first 5 pictures reference an I-frame the pipe never saw
         report = await sender.play(frames=45, start_frame=5, packet_filter=damage)
         sender.send_raw(b"\x80" * 7)
+    await asyncio.sleep(0.3)
+    # exported on the registry the service or --metrics-port serves
+    assert registry.get_sample_value("kfgan_pipe_rtp_packets_malformed_total") >= 2
+    assert registry.get_sample_value("kfgan_pipe_rtp_packets_lost_total") >= 1
+    assert registry.get_sample_value("kfgan_engine_keyframes_total", {"stream": "pipe"}) >= 3
     summary = await loop.finish(task)
     print("\n" + summary.describe())
     rx = summary.receiver
