@@ -131,11 +131,11 @@ async def run_server(
     handled = (signal.SIGTERM, signal.SIGINT)
     for signum in handled:
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     watchdog: asyncio.Task[None] | None = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
         url = _base_url(runner, settings)
         log.info("listening on %s", url)
