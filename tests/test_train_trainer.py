@@ -120,6 +120,9 @@ def test_train_runs_validates_logs_and_continues(tmp_path: Path) -> None:
     assert result.steps == 2 and result.best_step == 2
     scores = result.last_validation
     assert scores["val_psnr_input"] == pytest.approx(scores["val_psnr"] - scores["val_psnr_gain"])
+    # one validation video, "c": its PSNR is the split's
+    assert scores["val_psnr_c"] == pytest.approx(scores["val_psnr"])
+    assert scores["val_psnr_input_c"] == pytest.approx(scores["val_psnr_input"])
     run_dir = Path(raw["run"]["dir"])
     assert (run_dir / LAST_CHECKPOINT).is_file() and (run_dir / "best.pt").is_file()
     again = train(config_path, max_steps=4, progress=False)

@@ -7,6 +7,7 @@ uninterrupted run would have drawn, with nothing but k in the checkpoint.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,14 +174,15 @@ class TrainingBatches:
         return Batch(*(to_tensor(column) for column in columns))
 
 
-def validation_batches(samples: SampleSet, batch_size: int, limit: int | None = None):
-    """Whole 256x256 crops in a fixed order, no augmentation."""
+def validation_batches(samples: SampleSet, batch_size: int, limit: int | None = None) -> Iterator[tuple[list[int], Batch]]:
+    """(sample indices, batch) of whole 256x256 crops in a fixed order, no augmentation."""
     count = len(samples) if limit is None else min(limit, len(samples))
     # An even spread over the split when limited, so that every validation video counts.
     order = np.linspace(0, len(samples) - 1, count).round().astype(int) if count < len(samples) else np.arange(count)
     for start in range(0, count, batch_size):
+        indices = [int(i) for i in order[start : start + batch_size]]
         columns: list[list[np.ndarray]] = [[], [], [], []]
-        for index in order[start : start + batch_size]:
-            for column, image in zip(columns, samples.images(int(index))):
+        for index in indices:
+            for column, image in zip(columns, samples.images(index)):
                 column.append(image)
-        yield Batch(*(to_tensor(column) for column in columns))
+        yield indices, Batch(*(to_tensor(column) for column in columns))

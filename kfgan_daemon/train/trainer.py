@@ -157,7 +157,6 @@ class Trainer:
         self.best_step: int | None = None
         self.train_seconds = 0.0
         self.last_validation: dict[str, float] = {}
-        self._input_scores: dict[str, float] | None = None
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -244,31 +243,39 @@ class Trainer:
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
         """Mean PSNR/SSIM on the validation split: restored, restored without the reference
-        (the degraded crop in its place), and the compressed input itself."""
+        (the degraded crop in its place), and the compressed input itself; PSNR also per video."""
         self.generator.eval()
-        sums = {"psnr": 0.0, "ssim": 0.0, "psnr_noref": 0.0}
-        inputs = {"psnr_input": 0.0, "ssim_input": 0.0}
+        sums = {"psnr": 0.0, "ssim": 0.0, "psnr_noref": 0.0, "psnr_input": 0.0, "ssim_input": 0.0}
+        per_video: dict[str, list[float]] = {}  # video -> [restored PSNR sum, input PSNR sum, count]
         count = 0
         limit = self.config.schedule.validation_samples
-        for batch in validation_batches(self.validation_samples, max(self.config.optim.batch_size, 8), limit):
+        videos = getattr(self.validation_samples, "videos", None)
+        for indices, batch in validation_batches(self.validation_samples, max(self.config.optim.batch_size, 8), limit):
             batch = batch.to(self.device)
             n = len(batch)
             with self._autocast():
                 restored = self.generator(batch.compressed, batch.reference, batch.landmarks).float().clamp(0, 1)
                 noref = self.generator(batch.compressed, batch.compressed, batch.landmarks).float().clamp(0, 1)
-            sums["psnr"] += float(L.psnr(restored, batch.target).sum())
-            sums["ssim"] += float(L.ssim(restored, batch.target)) * n
+            psnr_restored = L.psnr(restored, batch.target)
+            psnr_input = L.psnr(batch.compressed, batch.target)
+            sums["psnr"] += float(psnr_restored.sum())
             sums["psnr_noref"] += float(L.psnr(noref, batch.target).sum())
-            if self._input_scores is None:
-                inputs["psnr_input"] += float(L.psnr(batch.compressed, batch.target).sum())
-                inputs["ssim_input"] += float(L.ssim(batch.compressed, batch.target)) * n
+            sums["psnr_input"] += float(psnr_input.sum())
+            sums["ssim"] += float(L.ssim(restored, batch.target)) * n
+            sums["ssim_input"] += float(L.ssim(batch.compressed, batch.target)) * n
+            if videos is not None:
+                for index, restored_db, input_db in zip(indices, psnr_restored.tolist(), psnr_input.tolist()):
+                    entry = per_video.setdefault(videos[index], [0.0, 0.0, 0])
+                    entry[0] += restored_db
+                    entry[1] += input_db
+                    entry[2] += 1
             count += n
-        if self._input_scores is None:
-            self._input_scores = {k: v / count for k, v in inputs.items()}
         scores = {f"val_{k}": v / count for k, v in sums.items()}
-        scores.update({f"val_{k}": v for k, v in self._input_scores.items()})
         scores["val_psnr_gain"] = scores["val_psnr"] - scores["val_psnr_input"]
         scores["val_ssim_gain"] = scores["val_ssim"] - scores["val_ssim_input"]
+        for video, (restored_db, input_db, n) in sorted(per_video.items()):
+            scores[f"val_psnr_{video}"] = restored_db / n
+            scores[f"val_psnr_input_{video}"] = input_db / n
         return scores
 
     # -- checkpoints ------------------------------------------------------------------------
