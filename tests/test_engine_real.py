@@ -23,12 +23,14 @@ SHIPPED_MODEL = ROOT / "models" / "kfgan-lite.safetensors"
 
 
 def lite_generator() -> CropGenerator:
-    """The shipped lite model when present, else a LiteGenerator with seeded random weights.
+    """The shipped lite model when it and the model loader are present, else a seeded random LiteGenerator.
 
     A fresh LiteGenerator starts as the identity (zero residual); its tail gets
     small random weights so that restored crops visibly differ from the input.
     """
-    if SHIPPED_MODEL.is_file():
+    import kfgan_daemon.model
+
+    if SHIPPED_MODEL.is_file() and hasattr(kfgan_daemon.model, "load_generator"):
         from kfgan_daemon.restore.model_choice import open_generator
 
         return open_generator(SHIPPED_MODEL)

@@ -177,3 +177,19 @@ async def test_engine_stop_drains_open_streams_and_limits_streams() -> None:
     assert time.monotonic() - started < 5
     with pytest.raises(EngineError, match="not started"):
         engine.open_stream("late", restorer=ScriptedRestorer())
+
+
+def test_run_async_drives_the_engine_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    from kfgan_daemon.engine import run_async
+
+    async def main() -> tuple[str, list]:
+        async with StreamEngine(TimedGenerator(delay=0.002)) as engine:
+            stream = engine.open_stream("uv", restorer=ScriptedRestorer())
+            outputs, _ = await asyncio.gather(collect(stream), feed(stream, 10, fps=100))
+        return type(asyncio.get_running_loop()).__module__, outputs
+
+    loop_module, outputs = run_async(main())
+    assert loop_module.startswith(uvloop.__name__)
+    assert [out.frame.index for out in outputs] == list(range(10))
+    assert all(out.outcome is Outcome.RESTORED for out in outputs)
