@@ -116,6 +116,140 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (see systemd/kfgan-daemon.toml).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (overrides the file and KFGAN_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to bind (overrides the file and KFGAN_PORT).")] = None,
+) -> None:
+    """Run the daemon: WebRTC /offer, health, readiness, metrics and stream admin over HTTP."""
+    from kfgan_daemon.service.config import Settings
+    from kfgan_daemon.service.server import serve as run_service
+
+    run_service(Settings.load(config, host=host, port=port))
+
+
+@app.command()
+def pipe(
+    input: Annotated[Path, typer.Option("--input", "-i", help="SDP file of the incoming H.264 RTP stream.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="rtp://HOST:PORT, or - for y4m on stdout.")],
+    output_sdp: Annotated[Optional[Path], typer.Option(help="Where to write the output's SDP (for ffmpeg/GStreamer/VLC).")] = None,
+    checkpoint: CheckpointOpt = None,
+    variant: VariantOpt = None,
+    device: DeviceOpt = "cpu",
+    half: HalfOpt = False,
+    crf: Annotated[int, typer.Option(min=0, max=51, help="libx264 CRF of the RTP output.")] = 23,
+    bitrate: Annotated[Optional[int], typer.Option(min=1, help="Output bitrate in bit/s instead of CRF.")] = None,
+    gop: Annotated[Optional[int], typer.Option(min=1, help="Output keyframe interval in frames.")] = None,
+    policy: Annotated[str, typer.Option(help="When restoration falls behind: passthrough or drop.")] = "passthrough",
+    loss_policy: Annotated[str, typer.Option(help="On packet loss: conceal, or wait_keyframe.")] = "conceal",
+    silence_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds without packets before the sender counts as silent.")] = 2.0,
+    detector: DetectorOpt = "hog",
+) -> None:
+    """Restore an H.264 RTP stream: SDP in, RTP (with its SDP) or y4m on stdout out."""
+    from kfgan_daemon.engine import run_async
+    from kfgan_daemon.engine.pipe import EncoderOptions, run_pipe
+    from kfgan_daemon.restore.model_choice import open_generator
+    from kfgan_daemon.restore.settings import RestoreSettings
+
+    generator = open_generator(checkpoint, variant=variant, device=device, half=half)
+    summary = run_async(
+        run_pipe(
+            input,
+            output,
+            generator,
+            output_sdp=output_sdp,
+            encoder=EncoderOptions(crf=crf, bitrate=bitrate, gop=gop),
+            policy=policy,
+            restore_settings=RestoreSettings(detector=detector),
+            loss_policy=loss_policy,
+            silence_timeout=silence_timeout,
+        )
+    )
+    typer.echo(summary.describe(), err=True)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", help="Training configuration (TOML), e.g. models/configs/lite.toml.")],
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the run's last checkpoint and start over.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many steps in total.")] = None,
+) -> None:
+    """Train a generator; resumes from the run's last checkpoint unless --fresh."""
+    from kfgan_daemon.train import train as run_training
+
+    result = run_training(config, resume=not fresh, max_steps=max_steps)
+    best = "no validation yet" if result.best_psnr is None else f"best validation PSNR {result.best_psnr:.2f} dB at step {result.best_step}"
+    state = "interrupted, resumable" if result.interrupted else "done"
+    typer.echo(f"{result.run_dir}: {result.steps} steps, {result.train_seconds:.0f} s of training, {best} ({state})")
+
+
+dataset_app = typer.Typer(help="Training data from real videos.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("build")
+def dataset_build(
+    videos: Annotated[Path, typer.Option("--videos", help="Folder of high-quality talking-head videos.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (resumes an interrupted build).")],
+    crf: Annotated[list[int], typer.Option("--crf", help="CRF of the degraded stream; repeat for several.")] = [42],
+    keyint_seconds: Annotated[float, typer.Option(min=0.04, help="Keyframe interval of the degraded stream.")] = 1.0,
+    reference_mode: Annotated[str, typer.Option(help="hq: keyframes cut from the original; stream: the decoded I-frames.")] = "hq",
+    validation: Annotated[Optional[list[str]], typer.Option("--validation", help="Video name held out for validation; repeat.")] = None,
+    detector: DetectorOpt = "hog",
+    max_frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per video at most.")] = None,
+) -> None:
+    """Encode each video at the CRF(s), track and align faces, and write training samples split by video."""
+    from kfgan_daemon.train import build_dataset
+
+    manifest = build_dataset(
+        videos,
+        out,
+        crfs=crf,
+        keyint_seconds=keyint_seconds,
+        reference_mode=reference_mode,
+        validation=validation,
+        detector=detector,
+        max_frames=max_frames,
+    )
+    samples = sum(info.get("samples", 0) for info in manifest.files.values())
+    typer.echo(
+        f"{out}: {len(manifest.files)} sample files, {samples} samples; "
+        f"train: {', '.join(manifest.train)}; validation: {', '.join(manifest.validation)}"
+    )
+
+
+@app.command("eval")
+def evaluate(
+    clips: Annotated[Path, typer.Option("--clips", help="A clip or a folder of high-quality clips.")],
+    out: Annotated[Path, typer.Option("--out", help="Where eval.json, eval.md and grid.png go.")] = Path("eval-report"),
+    crf: Annotated[int, typer.Option(min=0, max=51, help="CRF of the degraded stream.")] = 42,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="PATH or NAME=PATH; repeat. Default: the shipped model.")] = None,
+    reference_mode: Annotated[str, typer.Option(help="hq (keyframes from the original) or stream (decoded I-frames).")] = "hq",
+    max_frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per clip at most.")] = None,
+    device: DeviceOpt = "cpu",
+    vmaf: Annotated[bool, typer.Option("--vmaf", help="Add VMAF and VMAF-NEG (needs the optional vmaf-torch).")] = False,
+) -> None:
+    """Compress clips, restore them, and report PSNR/SSIM per clip and on average, with an example grid."""
+    from kfgan_daemon.eval.evaluate import evaluate as run_eval
+    from kfgan_daemon.eval.report import render_markdown
+    from kfgan_daemon.restore.model_choice import resolve_model_path
+
+    models = model or [f"kfgan-lite={resolve_model_path(None)}"]
+    report = run_eval(
+        clips,
+        crf,
+        models,
+        out,
+        reference_mode=reference_mode,
+        max_frames=max_frames,
+        device=device,
+        vmaf=vmaf,
+        progress=True,
+    )
+    typer.echo(render_markdown(report))
+
+
 def main() -> None:
     try:
         app()
