@@ -77,3 +77,11 @@ def test_metrics_refuse_mismatched_inputs():
         metrics.ssim(a, a.astype(np.float32))
     with pytest.raises(ValueError, match="channel"):
         metrics.ssim(a, a, channel="lab")  # type: ignore[arg-type]
+
+
+def test_luma_bias_is_the_mean_luma_offset():
+    truth = np.full((4, 4, 3), 100, np.uint8)
+    brighter = truth.copy()
+    brighter[:2] = 104  # half the pixels +4 on every channel: luma +2 on average
+    assert metrics.luma_bias(brighter, truth) == pytest.approx(2.0)
+    assert metrics.luma_bias(truth, brighter) == pytest.approx(-2.0)

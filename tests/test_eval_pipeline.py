@@ -84,7 +84,8 @@ def test_eval_on_a_real_clip_produces_every_row(real_clip, tmp_path):
     assert [r["key"] for r in data["clips"][0]["rows"]] == expected
     markdown = (tmp_path / "eval.md").read_text()
     assert f"{spec.name} + hq keyframes" in markdown and f"{spec.name}, no reference" in markdown
-    assert "face LPIPS" in markdown and "LPIPS-alex" in markdown
+    assert "face LPIPS" in markdown and "LPIPS-alex" in markdown and "face ΔY" in markdown
+    assert abs(source.face_luma_bias) < 5.0
     grid = cv2.imread(str(tmp_path / "grid.png"))
     assert grid.shape == (256 + 22, 5 * 256, 3)
 

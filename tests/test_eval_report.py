@@ -97,7 +97,7 @@ def test_markdown_has_a_table_per_clip_an_average_and_the_conventions(tmp_path):
     text = write_markdown(_report(), tmp_path / "eval.md").read_text()
     assert text.count("| row |") == 4  # average + three clips
     assert "## Average over 3 clip(s)" in text
-    assert "| lite + hq keyframes | 32.00 | 0.8300 |" in text
+    assert "| lite + hq keyframes | 32.00 | 0.8300 |" in text  # face ΔY column absent: no row measured it
     empty_section = text.split("## empty")[1].split("##")[0]
     assert "| compressed input (CRF 42) | n/a | n/a | 40.00 | 0.9500 | 0/5 | - |" in empty_section
     assert "no face found" in empty_section

@@ -171,6 +171,7 @@ class _RowAccumulator:
     face_psnr: list[float] = field(default_factory=list)
     face_ssim: list[float] = field(default_factory=list)
     face_lpips: list[float] = field(default_factory=list)
+    face_luma_bias: list[float] = field(default_factory=list)
     frame_psnr: list[float] = field(default_factory=list)
     frame_ssim: list[float] = field(default_factory=list)
     restored_frames: int = 0
@@ -178,6 +179,7 @@ class _RowAccumulator:
     def add_face(self, crop: np.ndarray, truth: np.ndarray, channel: metrics.SsimChannel) -> None:
         self.face_psnr.append(metrics.psnr(crop, truth))
         self.face_ssim.append(metrics.ssim(crop, truth, channel))
+        self.face_luma_bias.append(metrics.luma_bias(crop, truth))
 
     def add_frame(self, image: np.ndarray, truth: np.ndarray, channel: metrics.SsimChannel) -> None:
         self.frame_psnr.append(metrics.psnr(image, truth))
@@ -194,6 +196,7 @@ class _RowAccumulator:
             face_psnr=mean(self.face_psnr),
             face_ssim=mean(self.face_ssim),
             face_lpips=mean(self.face_lpips),
+            face_luma_bias=mean(self.face_luma_bias),
             frame_psnr=mean(self.frame_psnr),
             frame_ssim=mean(self.frame_ssim),
             frames=frames,

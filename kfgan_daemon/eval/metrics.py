@@ -63,6 +63,16 @@ def ssim(a: np.ndarray, b: np.ndarray, channel: SsimChannel = "y") -> float:
     raise ValueError(f"unknown SSIM channel {channel!r}; use 'y' or 'rgb'")
 
 
+def luma_bias(image: np.ndarray, truth: np.ndarray) -> float:
+    """Mean BT.601 luma of ``image`` minus that of ``truth``, in gray levels.
+
+    Not a quality score but a diagnostic: a colour-conversion mismatch between
+    the training data and the codec path shows up here as a constant offset.
+    """
+    _check_pair(image, truth)
+    return float(luma(image).mean() - luma(truth).mean())
+
+
 def conventions(channel: SsimChannel = "y") -> dict[str, str]:
     """A plain description of how the numbers were computed, for reports."""
     ssim_on = "BT.601 luma Y (float, not rounded)" if channel == "y" else "each of R, G, B, averaged"
@@ -74,5 +84,6 @@ def conventions(channel: SsimChannel = "y") -> dict[str, str]:
         ),
         "face": "aligned 256x256 crops; ground truth is the original frame aligned with the compressed frame's matrix",
         "frame": "whole frames; model rows use the restored crop pasted back into the compressed frame",
+        "face_luma_bias": "mean BT.601 luma of the row's face crop minus the ground truth's, gray levels (a diagnostic)",
         "averaging": "per clip: mean over frames (face metrics over frames with a face); average: mean over clips",
     }

@@ -12,13 +12,14 @@ import numpy as np
 
 from kfgan_daemon.errors import OutputError
 
-METRICS = ("face_psnr", "face_ssim", "face_lpips", "frame_psnr", "frame_ssim", "vmaf", "vmaf_neg")
-# Shown only when some row has a value: they need optional packages or user-given weights.
-OPTIONAL_METRICS = ("face_lpips", "vmaf", "vmaf_neg")
+METRICS = ("face_psnr", "face_ssim", "face_lpips", "face_luma_bias", "frame_psnr", "frame_ssim", "vmaf", "vmaf_neg")
+# Shown only when some row has a value: optional packages, user-given weights, or a face to measure.
+OPTIONAL_METRICS = ("face_lpips", "face_luma_bias", "vmaf", "vmaf_neg")
 _HEADINGS = {
     "face_psnr": "face PSNR (dB)",
     "face_ssim": "face SSIM",
     "face_lpips": "face LPIPS",
+    "face_luma_bias": "face ΔY",
     "frame_psnr": "frame PSNR (dB)",
     "frame_ssim": "frame SSIM",
     "vmaf": "VMAF",
@@ -40,6 +41,7 @@ class RowResult:
     face_psnr: float | None = None
     face_ssim: float | None = None
     face_lpips: float | None = None
+    face_luma_bias: float | None = None
     frame_psnr: float | None = None
     frame_ssim: float | None = None
     vmaf: float | None = None
@@ -150,6 +152,8 @@ def _format(metric: str, value: float | None) -> str:
         return "n/a"
     if metric.endswith(("ssim", "lpips")):
         return f"{value:.4f}"
+    if metric.endswith("bias"):
+        return f"{value:+.2f}"
     return f"{value:.2f}"
 
 
