@@ -175,3 +175,10 @@ def test_stream_mode_builds_the_same_generator_inputs_as_the_daemon(real_clip, t
                 assert np.array_equal(getattr(sample.job, name), getattr(daemon_job, name)), name
             compared += 1
     assert compared >= 6 and restorer.stats.keyframes_stored >= 2
+
+
+def test_default_model_is_the_one_restore_uses(monkeypatch, tmp_path):
+    checkpoint = tmp_path / "chosen.safetensors"
+    checkpoint.write_bytes(b"not read here")
+    monkeypatch.setenv("KFGAN_MODEL", str(checkpoint))
+    assert ModelSpec.default() == ModelSpec("chosen", checkpoint)

@@ -15,6 +15,7 @@ from kfgan_daemon.eval.report import (
     RowResult,
     average_rows,
     render_markdown,
+    render_summary,
     write_grid,
     write_json,
     write_markdown,
@@ -131,3 +132,9 @@ def test_grid_has_one_row_per_example_and_model(tmp_path):
 def test_grid_is_not_written_without_examples(tmp_path):
     assert write_grid([], ["lite"], tmp_path / "grid.png") is None
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_summary_is_the_average_table():
+    text = render_summary(_report())
+    assert text.startswith("CRF 42, hq references, 3 clip(s)")
+    assert "| lite + hq keyframes | 32.00 |" in text and "## " not in text

@@ -58,6 +58,14 @@ class ModelSpec:
     variant: str | None = None
 
     @classmethod
+    def default(cls) -> "ModelSpec":
+        """The model ``restore`` uses when none is named ($KFGAN_MODEL, else the shipped lite model)."""
+        from kfgan_daemon.restore.model_choice import resolve_model_path
+
+        path = resolve_model_path(None)
+        return cls(name=path.stem, source=path)
+
+    @classmethod
     def of(cls, value: "ModelSpec | Path | str") -> "ModelSpec":
         if isinstance(value, ModelSpec):
             return value

@@ -173,6 +173,12 @@ def markdown_table(rows: list[RowResult], metrics: list[str]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def render_summary(report: EvalReport) -> str:
+    """The average table, for a terminal."""
+    title = f"CRF {report.crf}, {report.reference_mode} references, {len(report.clips)} clip(s)"
+    return title + "\n" + markdown_table(report.average, measured_metrics(report.average))
+
+
 def render_markdown(report: EvalReport) -> str:
     metrics = measured_metrics([row for clip in report.clips for row in clip.rows])
     gop = f"{report.gop_seconds:g} s"
