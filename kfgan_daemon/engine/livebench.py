@@ -55,6 +55,7 @@ class LiveBenchResult:
     sustained_fps: float  # output frames per second at the receiving socket
     policy: str
     generator: str
+    cpu_ms_per_frame: float | None = None  # this process's CPU time per frame sent, all threads
     stage_ms: dict[str, float] = field(default_factory=dict)  # engine stage medians
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +76,9 @@ class LiveBenchResult:
                 f"{self.frames_sent} sent)",
                 f"  frames: {self.restored} restored, {self.skipped} without face/keyframe, {self.passthrough} "
                 f"passed through unrestored (late), {self.dropped} dropped",
+                f"  CPU: {self.cpu_ms_per_frame:.1f} ms per frame (all threads of the process)"
+                if self.cpu_ms_per_frame is not None
+                else "  CPU: not measured",
                 f"  engine stages (median): {stages}" if stages else "  engine stages: none measured",
             ]
         )
@@ -151,8 +155,10 @@ async def live_bench(
         )
         try:
             await asyncio.wait_for(ready.wait(), 30)
+            cpu_start = asyncio.create_task(_process_time_after(warmup))
             async with sender:
                 report = await sender.play(seconds=total_seconds)
+            cpu_seconds = time.process_time() - await cpu_start
             await asyncio.sleep(max(0.5, 2 * (engine_settings or EngineSettings()).max_latency))
         finally:
             stop.set()
@@ -165,6 +171,7 @@ async def live_bench(
     frames_sent = sum(1 for at in report.sent_at if at >= measured_from)
     received = [at for at in counter.frames if at >= measured_from]
     outcomes = [item.output.outcome for item in measured]
+    cpu_ms_per_frame = 1000 * cpu_seconds / frames_sent if frames_sent else None
     log.info("live bench pipe summary: %s", summary.describe())
     return LiveBenchResult(
         clip=str(clip),
@@ -185,8 +192,14 @@ async def live_bench(
         sustained_fps=_rate(received),
         policy=policy,
         generator=type(getattr(generator, "module", generator)).__name__,
+        cpu_ms_per_frame=cpu_ms_per_frame,
         stage_ms=summary.stage_median_ms,
     )
+
+
+async def _process_time_after(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return time.process_time()
 
 
 def _quantile_ms(values: list[float], q: float) -> float | None:
