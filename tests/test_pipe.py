@@ -263,6 +263,13 @@ async def test_bad_sdp_and_bad_output_are_clear_errors(tmp_path: Path) -> None:
         await run_pipe(valid, "udp://127.0.0.1:5000", identity_generator(), handle_signals=False)
     with pytest.raises(ConfigError, match="IP address"):
         await run_pipe(valid, "rtp://localhost:5000", identity_generator(), handle_signals=False)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = tmp_path / "busy.sdp"
+        port = taken.getsockname()[1]
+        busy.write_text(f"v=0\r\nc=IN IP4 127.0.0.1\r\nm=video {port} RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n")
+        with pytest.raises(InputError, match="cannot listen"):
+            await run_pipe(busy, "-", identity_generator(), handle_signals=False)
 
 
 @pytest.mark.shared

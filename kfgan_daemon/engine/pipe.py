@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily
 from kfgan_daemon.engine.engine import StreamEngine
 from kfgan_daemon.engine.metrics import LATENCY_BUCKETS
 from kfgan_daemon.engine.settings import EngineSettings, OverloadPolicy
-from kfgan_daemon.engine.stream import Outcome, StreamOutput, StreamStats
+from kfgan_daemon.engine.stream import StreamOutput, StreamStats
 from kfgan_daemon.errors import ConfigError, OutputError
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.media.rtp import (

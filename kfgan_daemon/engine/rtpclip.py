@@ -7,7 +7,6 @@ measures is the pipe, not the fake camera.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.bitstream import NalType, h264_access_unit_is_intra, nal_type, split_annexb
 from kfgan_daemon.media.rtp.h264 import H264Packetizer
 from kfgan_daemon.media.rtp.sdp import H264SessionDescription
-
-log = logging.getLogger(__name__)
 
 RTP_CLOCK = 90000
 
