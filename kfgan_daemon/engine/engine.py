@@ -87,7 +87,9 @@ class StreamEngine:
         await asyncio.gather(*(stream.close(drain=drain, timeout=timeout) for stream in streams), return_exceptions=True)
         assert self._worker is not None and self._executor is not None
         await self._worker.stop()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # A face step may still be running (abandoned frames); wait for it off the loop.
+        executor = self._executor
+        await asyncio.get_running_loop().run_in_executor(None, lambda: executor.shutdown(wait=True, cancel_futures=True))
         self._started = False
 
     @property
