@@ -263,6 +263,10 @@ async def test_bad_sdp_and_bad_output_are_clear_errors(tmp_path: Path) -> None:
         await run_pipe(valid, "udp://127.0.0.1:5000", identity_generator(), handle_signals=False)
     with pytest.raises(ConfigError, match="IP address"):
         await run_pipe(valid, "rtp://localhost:5000", identity_generator(), handle_signals=False)
+    with pytest.raises(ConfigError, match="policy"):
+        await run_pipe(valid, "-", identity_generator(), policy="queue", handle_signals=False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="loss-policy"):
+        await run_pipe(valid, "-", identity_generator(), loss_policy="ignore", handle_signals=False)  # type: ignore[arg-type]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         busy = tmp_path / "busy.sdp"

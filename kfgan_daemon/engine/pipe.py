@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from kfgan_daemon.engine.engine import StreamEngine
 from kfgan_daemon.engine.metrics import LATENCY_BUCKETS
-from kfgan_daemon.engine.settings import EngineSettings, OverloadPolicy
+from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
 from kfgan_daemon.engine.stream import StreamOutput, StreamStats
 from kfgan_daemon.errors import ConfigError, OutputError
 from kfgan_daemon.media.frame import DecodedFrame
@@ -58,6 +58,7 @@ STREAM_ID = "pipe"
 # The engine's share of a 120 ms budget from last packet in to packet out: decoding
 # and re-encoding a 720p picture on a small CPU take most of the rest.
 PIPE_MAX_LATENCY = 0.08
+LOSS_POLICIES = ("conceal", "wait_keyframe")
 
 
 # ---- where the output goes ---------------------------------------------------
@@ -340,6 +341,10 @@ async def run_pipe(
     the socket listens; ``on_sent`` after every output frame.
     """
     target = OutputTarget.parse(output)
+    if policy not in OVERLOAD_POLICIES:
+        raise ConfigError(f"policy: {policy!r} is not one of {', '.join(OVERLOAD_POLICIES)}")
+    if loss_policy not in LOSS_POLICIES:
+        raise ConfigError(f"loss-policy: {loss_policy!r} is not one of {', '.join(LOSS_POLICIES)}")
     if target.kind == "y4m" and output_sdp is not None:
         raise ConfigError("output-sdp: only an rtp:// output has an SDP")
     receiver = RtpReceiver.from_sdp(
