@@ -87,9 +87,13 @@ def bench(
     frames: Annotated[int, typer.Option(min=1, help="Frames to time.")] = 100,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Torch CPU threads (default: torch's).")] = None,
     detector: DetectorOpt = "hog",
+    live: Annotated[bool, typer.Option("--live", help="Send the clip through `pipe` over RTP on loopback in real time.")] = False,
+    seconds: Annotated[float, typer.Option(min=1.0, help="Live mode: seconds measured after a 2 s warm-up.")] = 10.0,
+    fps: Annotated[Optional[float], typer.Option(min=1.0, help="Live mode: sending rate (default: the clip's).")] = None,
+    size: Annotated[Optional[str], typer.Option(help="Live mode: WIDTHxHEIGHT to scale the clip to, e.g. 1280x720.")] = None,
+    policy: Annotated[str, typer.Option(help="Live mode: overload policy, passthrough or drop.")] = "passthrough",
 ) -> None:
-    """Per-stage milliseconds and FPS of the restoration path on a clip."""
-    from kfgan_daemon.bench import run_offline_bench
+    """Per-stage milliseconds and FPS of the restoration path on a clip; with --live, added latency through `pipe`."""
     from kfgan_daemon.restore.model_choice import open_generator
 
     if threads is not None:
@@ -97,8 +101,37 @@ def bench(
 
         torch.set_num_threads(threads)
     generator = open_generator(checkpoint, variant=variant, device=device, half=half)
+    if live:
+        from kfgan_daemon.engine import run_async
+        from kfgan_daemon.engine.livebench import live_bench
+        from kfgan_daemon.restore.settings import RestoreSettings
+
+        result = run_async(
+            live_bench(
+                clip,
+                generator,
+                seconds,
+                fps,
+                size=_parse_size(size),
+                policy=policy,
+                restore_settings=RestoreSettings(detector=detector),
+            )
+        )
+        typer.echo(result.describe())
+        return
+    from kfgan_daemon.bench import run_offline_bench
+
     report = run_offline_bench(clip, generator, max_frames=frames, detector=detector)
     typer.echo(report.render())
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise typer.BadParameter(f"{text!r} is not WIDTHxHEIGHT", param_hint="--size")
+    return int(width), int(height)
 
 
 @app.command()
@@ -144,15 +177,18 @@ def pipe(
     policy: Annotated[str, typer.Option(help="When restoration falls behind: passthrough or drop.")] = "passthrough",
     loss_policy: Annotated[str, typer.Option(help="On packet loss: conceal, or wait_keyframe.")] = "conceal",
     silence_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds without packets before the sender counts as silent.")] = 2.0,
+    max_latency_ms: Annotated[Optional[float], typer.Option(min=1.0, help="Latency restoration may add before a frame goes out unrestored (default 80).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
     detector: DetectorOpt = "hog",
 ) -> None:
     """Restore an H.264 RTP stream: SDP in, RTP (with its SDP) or y4m on stdout out."""
-    from kfgan_daemon.engine import run_async
+    from kfgan_daemon.engine import EngineSettings, run_async
     from kfgan_daemon.engine.pipe import EncoderOptions, run_pipe
     from kfgan_daemon.restore.model_choice import open_generator
     from kfgan_daemon.restore.settings import RestoreSettings
 
     generator = open_generator(checkpoint, variant=variant, device=device, half=half)
+    engine_settings = None if max_latency_ms is None else EngineSettings(max_latency=max_latency_ms / 1000.0)
     summary = run_async(
         run_pipe(
             input,
@@ -164,6 +200,8 @@ def pipe(
             restore_settings=RestoreSettings(detector=detector),
             loss_policy=loss_policy,
             silence_timeout=silence_timeout,
+            engine_settings=engine_settings,
+            metrics_port=metrics_port,
         )
     )
     typer.echo(summary.describe(), err=True)
