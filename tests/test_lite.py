@@ -77,18 +77,37 @@ def test_cost_fits_the_cpu_budget() -> None:
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
 
 
-def _shipped():
+def _shipped() -> LiteGenerator:
+    """The shipped weights, read straight from the file (tensors + variant/config metadata)."""
+    from safetensors import safe_open
+
     if not SHIPPED.is_file():
         pytest.skip(f"{SHIPPED} not present")
-    from kfgan_daemon.model import load_generator
+    with safe_open(str(SHIPPED), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key).float() for key in handle.keys()}
+    assert metadata["variant"] == "lite"
+    model = LiteGenerator(**json.loads(metadata["config"]))
+    model.load_state_dict(tensors)
+    return model.eval()
 
-    return load_generator(SHIPPED, variant="lite", device="cpu")
 
-
-def test_shipped_model_is_small_and_loads() -> None:
-    assert SHIPPED.stat().st_size < 20 * 1024 * 1024 if SHIPPED.is_file() else pytest.skip("not shipped yet")
+def test_shipped_model_is_small_and_complete() -> None:
     model = _shipped()
-    assert isinstance(model, LiteGenerator) and not model.training
+    assert SHIPPED.stat().st_size < 20 * 1024 * 1024
+    assert not torch.equal(model.tail.weight, torch.zeros_like(model.tail.weight))  # trained, not the identity
+
+
+def test_shipped_model_opens_through_the_model_loader() -> None:
+    model_package = pytest.importorskip("kfgan_daemon.model")
+    if not hasattr(model_package, "load_generator"):
+        pytest.skip("kfgan_daemon.model.load_generator is not there yet")
+    loaded = model_package.load_generator(SHIPPED, variant="lite", device="cpu")
+    expected = _shipped()
+    inputs = _inputs(n=1)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(*inputs), expected(*inputs), atol=1e-5)
+    assert not loaded.training
 
 
 @pytest.mark.shared
