@@ -1,0 +1,130 @@
+"""Reading and writing generator weights without executing pickled code.
+
+Two formats: the published checkpoint (``net_g_55000.pth``, a torch file whose
+``params`` entry is the generator's state dict), read with
+``torch.load(weights_only=True)``; and ours, a ``.safetensors`` file whose
+metadata names the architecture (``variant``) and its constructor keywords
+(``config``, JSON).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kfgan_daemon.errors import ModelError
+
+PUBLISHED_KEYS = ("params", "params_ema", "state_dict")
+PUBLISHED_HINT = (
+    "the published checkpoint is net_g_55000.pth, linked from the authors' Keyframes-GAN README "
+    "(see models/README.md)"
+)
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """A state dict and what the file says about it."""
+
+    state_dict: dict[str, torch.Tensor]
+    variant: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read ``path`` (.safetensors, or a torch file in the published layout) into a :class:`Checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such checkpoint; {PUBLISHED_HINT}, or use models/kfgan-lite.safetensors")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable .safetensors file ({exc})") from exc
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: its 'config' metadata is not JSON ({exc})") from exc
+    return Checkpoint(tensors, metadata.get("variant"), config)
+
+
+def _read_torch(path: Path) -> Checkpoint:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises unrelated types (pickle, zip, runtime) for a bad file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: not a weights-only torch checkpoint ({reason})") from exc
+    return Checkpoint(unwrap_state_dict(payload, str(path)))
+
+
+def unwrap_state_dict(payload: object, origin: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The generator's state dict from the published layout ({"params": sd}), its EMA twin, or a bare one."""
+    if not isinstance(payload, Mapping):
+        raise ModelError(f"{origin}: holds a {type(payload).__name__}, not a state dict")
+    for key in PUBLISHED_KEYS:
+        if key in payload and isinstance(payload[key], Mapping):
+            payload = payload[key]
+            break
+    if not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise ModelError(f"{origin}: no tensors found under {', '.join(PUBLISHED_KEYS)} or at the top level")
+    return dict(payload)
+
+
+def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Strict load with a message that lists what does not fit."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if items:
+            problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+    if problems:
+        raise ModelError(f"{origin} does not fit {type(module).__name__}: {'; '.join(problems)}")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+def save_safetensors(
+    module: nn.Module,
+    path: str | os.PathLike[str],
+    variant: str,
+    config: Mapping[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write ``module``'s weights as .safetensors with {"variant", "config"} metadata, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in module.state_dict().items():
+        value = value.detach().to("cpu")
+        if half and value.is_floating_point():
+            value = value.half()
+        tensors[key] = value.contiguous()
+    metadata = {"variant": variant, "config": json.dumps(dict(config or {}), sort_keys=True)}
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.chmod(partial, 0o644)  # shipped weights must be readable by the service's own user
+    os.replace(partial, path)
+    return path
