@@ -56,7 +56,8 @@ def test_restore_synthetic_clip_keeps_format_audio_and_pixels(tmp_path: Path, li
     assert _probe(out) == _probe(src)
     # no face anywhere: the output differs from the input only by CRF-18 re-encoding noise
     for a, b in zip(read_all_frames(src), read_all_frames(out)):
-        assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
+        mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+        assert 10 * np.log10(255**2 / mse) > 35.0
 
 
 def test_restore_side_by_side_doubles_width(tmp_path: Path, lite_checkpoint: Path) -> None:
@@ -69,25 +70,34 @@ def test_restore_side_by_side_doubles_width(tmp_path: Path, lite_checkpoint: Pat
 
 
 @pytest.mark.slow
-def test_restore_real_call_at_crf42(tmp_path: Path, media_dir: Path, lite_checkpoint: Path) -> None:
+def test_restore_real_call_at_crf42(tmp_path: Path, media_dir: Path) -> None:
     from kfgan_daemon.media import encode_h264_file
 
+    shipped = ROOT / "models" / "kfgan-lite.safetensors"
     degraded = tmp_path / "d12_crf42.mp4"
     encode_h264_file(media_dir / "d12.mp4", degraded, crf=42, max_frames=60)
     out = tmp_path / "restored.mp4"
-    result = _cli("restore", str(degraded), str(out), "-c", str(lite_checkpoint), "-q")
+    result = _cli("restore", str(degraded), str(out), "-q")  # the shipped model, as a user gets it
     assert result.returncode == 0, result.stderr
     assert _probe(out) == _probe(degraded)
     summary = result.stdout
     restored = int(summary.split(" restored")[0].rsplit(",", 1)[1])
     assert restored >= 50, summary
 
+    original = read_all_frames(media_dir / "d12.mp4")[:60]
     before, after = read_all_frames(degraded), read_all_frames(out)
     diff = np.stack([np.abs(a.astype(int) - b.astype(int)).mean(axis=2) for a, b in zip(before, after)]).mean(axis=0)
-    # d12 is a centred close-up: the corners never hold the face, the centre always does
+    # d12 is a centred close-up: the corners never hold the face
     corner = np.concatenate([diff[:48, :48].ravel(), diff[:48, -48:].ravel()])
-    assert corner.mean() < 1.5
-    assert diff[200:330, 190:320].mean() > corner.mean() + 1.0
+    assert corner.mean() < 3.0  # CRF 18 re-encoding noise on a blocky CRF 42 picture
+
+    def face_psnr(frames: list[np.ndarray]) -> float:
+        errors = [(f[200:330, 190:320].astype(float) - o[200:330, 190:320]) ** 2 for f, o in zip(frames, original)]
+        return float(10 * np.log10(255**2 / np.mean(errors)))
+
+    if shipped.is_file():
+        # the face comes out closer to the original than the codec left it
+        assert face_psnr(after) > face_psnr(before) + 0.2
 
 
 def test_restore_without_model_says_how_to_get_one(tmp_path: Path) -> None:
