@@ -29,6 +29,7 @@ from kfgan_daemon.engine import StreamEngine
 from kfgan_daemon.service.config import Settings
 from kfgan_daemon.service.metrics import ServiceMetrics
 from kfgan_daemon.service.sessions import OfferError, SessionManager
+from kfgan_daemon.service.vcam import VirtualCameraMirror
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class ServiceState:
     status: Literal["starting", "loading", "warming", "ready", "draining", "failed"] = "starting"
     detail: str | None = None
     model: dict[str, str] = field(default_factory=dict)
+    virtual_camera: "VirtualCameraMirror | None" = None
 
     def set_status(self, status: str, detail: str | None = None) -> None:
         self.status = status  # type: ignore[assignment]
@@ -177,7 +179,10 @@ async def offer(request: web.Request) -> web.Response:
 async def list_streams(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     sessions = [session.describe() for session in state.sessions.sessions.values()]
-    return web.json_response({"sessions": sessions, "max_streams": state.settings.max_streams})
+    body: dict[str, Any] = {"sessions": sessions, "max_streams": state.settings.max_streams}
+    if state.virtual_camera is not None:
+        body["virtual_camera"] = state.virtual_camera.describe()
+    return web.json_response(body)
 
 
 async def inspect_stream(request: web.Request) -> web.Response:

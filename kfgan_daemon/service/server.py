@@ -34,6 +34,9 @@ from kfgan_daemon.service.vcam import VirtualCameraMirror
 
 log = logging.getLogger(__name__)
 
+# Seconds each shutdown step may take beyond the configured drain.
+_CLEANUP_TIMEOUT = 5.0
+
 
 class SystemdNotifier:
     """sd_notify(3) over ``$NOTIFY_SOCKET``; does nothing when the daemon is not run by systemd."""
@@ -125,7 +128,7 @@ async def run_server(
         on_frame=mirror.offer if mirror is not None else None,
         on_session_closed=session_closed,
     )
-    state = ServiceState(settings=settings, metrics=metrics, sessions=sessions)
+    state = ServiceState(settings=settings, metrics=metrics, sessions=sessions, virtual_camera=mirror)
     app = create_app(state)
 
     handled = (signal.SIGTERM, signal.SIGINT)
@@ -175,13 +178,13 @@ async def run_server(
         notifier.notify("STOPPING=1")
         state.set_status("draining", "shutting down")
         sessions.stop_accepting()
-        await sessions.close_all(drain=True, timeout=settings.drain_timeout)
-        await engine.stop(drain=False)
+        await _bounded(sessions.close_all(drain=True, timeout=settings.drain_timeout),
+                       settings.drain_timeout + _CLEANUP_TIMEOUT, "draining the sessions")
     finally:
         sessions.stop_accepting()
-        await sessions.close_all(drain=False)
+        await _bounded(sessions.close_all(drain=False), _CLEANUP_TIMEOUT, "hanging up")
         if state.engine is not None and state.engine.running:
-            await state.engine.stop(drain=False)
+            await _bounded(state.engine.stop(drain=False), _CLEANUP_TIMEOUT, "stopping the engine")
         if mirror is not None:
             mirror.close()
         if watchdog is not None:
@@ -190,6 +193,17 @@ async def run_server(
         for signum in handled:
             loop.remove_signal_handler(signum)
         log.info("stopped")
+
+
+async def _bounded(coro, timeout: float, what: str) -> None:
+    """Await ``coro`` for at most ``timeout`` seconds; a stuck shutdown step must not keep the process alive."""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        log.warning("%s did not finish within %.1f s; going on", what, timeout)
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("%s failed: %r", what, task.exception())
 
 
 async def _watchdog(notifier: SystemdNotifier, interval: float) -> None:

@@ -106,6 +106,8 @@ class SessionManager:
 
     async def answer(self, sdp: str, remote: str | None = None) -> tuple[PeerSession, RTCSessionDescription]:
         """Answer one offer; raises :class:`OfferError` with the HTTP status to return."""
+        # The caller's mistakes first (400), then whether we can take the call now (503).
+        video_sections = _video_sections(sdp)
         if not self._accepting:
             raise OfferError("the daemon is shutting down", status=503, reason="draining")
         engine = self._engine()
@@ -115,7 +117,6 @@ class SessionManager:
             raise OfferError(
                 f"{self.settings.max_streams} streams are live already (max_streams)", status=503, reason="capacity"
             )
-        video_sections = _video_sections(sdp)
         if video_sections > self.settings.max_streams - len(self.sessions):
             raise OfferError(
                 f"the offer has {video_sections} video tracks, more than the {self.settings.max_streams} streams "

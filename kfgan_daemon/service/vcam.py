@@ -54,6 +54,9 @@ class VirtualCameraMirror:
             return
         self._executor.submit(self._write, frame)
 
+    def describe(self) -> dict[str, object]:
+        return {"device": self.device, "owner": self.owner, "error": self.failed}
+
     def release_session(self, session: "PeerSession") -> None:
         if self.owner is not None and any(track.stream_id == self.owner for track in session.tracks):
             self.owner = None

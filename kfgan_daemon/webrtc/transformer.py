@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 _CLOSE_DRAIN_TIMEOUT = 2.0
 # Recent keyframe arrival times kept for inspection (PLI round trips).
 _KEYFRAME_HISTORY = 32
+# Input pictures remembered for their outputs. Far more than an engine stream
+# holds at once; the bound matters when nobody calls recv() (a peer that sends
+# but does not receive), where outputs are never taken.
+_MAX_PENDING_INPUTS = 64
 
 
 class RestoredVideoTrack(MediaStreamTrack):
@@ -94,7 +98,7 @@ class RestoredVideoTrack(MediaStreamTrack):
         # Input pictures by frame index until their output leaves, so that a
         # frame sent unrestored goes out as the very picture that came in.
         self._inputs: OrderedDict[int, av.VideoFrame] = OrderedDict()
-        self._closing: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -135,8 +139,7 @@ class RestoredVideoTrack(MediaStreamTrack):
         super().stop()
         if self._pump is not None:
             self._pump.cancel()
-        if self._stream is not None and self._closing is None:
-            self._closing = asyncio.ensure_future(self._stream.close(drain=False))
+        self._begin_close(drain=False, timeout=None)
 
     async def aclose(self, drain: bool = False, timeout: float | None = None) -> None:
         """Stop reading the source and close the engine stream, waiting until it has.
@@ -147,11 +150,17 @@ class RestoredVideoTrack(MediaStreamTrack):
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
-        if drain and self._stream is not None and self._closing is None:
-            self._closing = asyncio.ensure_future(self._stream.close(drain=True, timeout=timeout))
+        closing = self._begin_close(drain=drain, timeout=timeout)
         self.stop()
-        if self._closing is not None:
-            await self._closing
+        if closing is not None:
+            await asyncio.shield(closing)
+
+    def _begin_close(self, drain: bool, timeout: float | None) -> asyncio.Future[None] | None:
+        # The engine stream is closed by a task of its own that nobody cancels:
+        # a close interrupted half-way would leave the stream neither open nor closed.
+        if self._closing is None and self._stream is not None:
+            self._closing = asyncio.ensure_future(self._stream.close(drain=drain, timeout=timeout))
+        return self._closing
 
     # ---- MediaStreamTrack ---------------------------------------------------
 
@@ -193,6 +202,8 @@ class RestoredVideoTrack(MediaStreamTrack):
                     self.keyframe_arrivals.append(arrival)
                 decoded = await loop.run_in_executor(None, _decode, picture, index, keyframe)
                 self._inputs[index] = picture
+                while len(self._inputs) > _MAX_PENDING_INPUTS:
+                    self._inputs.popitem(last=False)
                 index += 1
                 self.frames_in += 1
                 await stream.submit(decoded, arrival=arrival)
@@ -201,7 +212,7 @@ class RestoredVideoTrack(MediaStreamTrack):
         except StreamClosedError:
             return
         # The sender is gone: let the frames already in the engine come out, then end.
-        await stream.close(drain=True, timeout=_CLOSE_DRAIN_TIMEOUT)
+        self._begin_close(drain=True, timeout=_CLOSE_DRAIN_TIMEOUT)
 
     async def _request_keyframe(self) -> None:
         requester = self.keyframe_requester
