@@ -47,6 +47,10 @@ class SystemdNotifier:
             import sdnotify
 
             self._notifier = sdnotify.SystemdNotifier()
+            if self._notifier.socket is not None:
+                # Called from the event loop: a notification the manager is too busy
+                # to take is dropped (sdnotify swallows the error), never waited for.
+                self._notifier.socket.setblocking(False)
 
     @property
     def active(self) -> bool:
@@ -243,8 +247,8 @@ def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kfgan_daemon.service.server [--config PATH] [--host H] [--port N]``."""
-    parser = argparse.ArgumentParser(prog="python -m kfgan_daemon.service.server", description=serve.__doc__)
+    """``python -m kfgan_daemon.service [--config PATH] [--host H] [--port N]``."""
+    parser = argparse.ArgumentParser(prog="python -m kfgan_daemon.service", description=serve.__doc__)
     parser.add_argument("--config", type=Path, help="TOML settings file")
     parser.add_argument("--host", help="address to bind (overrides the file and KFGAN_HOST)")
     parser.add_argument("--port", type=int, help="port to bind (overrides the file and KFGAN_PORT)")
@@ -259,7 +263,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kfgan-daemon: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
