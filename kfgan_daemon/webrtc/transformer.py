@@ -28,11 +28,12 @@ import av
 from aiortc import MediaStreamTrack, RTCRtpReceiver
 from aiortc.mediastreams import MediaStreamError
 
-from kfgan_daemon.engine import LiveStream, Outcome, StreamEngine, StreamOutput
+from kfgan_daemon.engine import FrameRestorer, LiveStream, Outcome, StreamEngine, StreamOutput
 from kfgan_daemon.engine.settings import OverloadPolicy
 from kfgan_daemon.errors import StreamClosedError
 from kfgan_daemon.media.conversion import colorspace_name, is_intra_picture, to_decoded_frame, yuv420_frame
 from kfgan_daemon.media.frame import DecodedFrame
+from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.webrtc import keyframe_flag
 from kfgan_daemon.webrtc.pli import KeyframeRequester
 
@@ -68,8 +69,8 @@ class RestoredVideoTrack(MediaStreamTrack):
         *,
         stream_id: str | None = None,
         policy: OverloadPolicy = "passthrough",
-        restore_settings=None,
-        restorer=None,
+        restore_settings: RestoreSettings | None = None,
+        restorer: FrameRestorer | None = None,
         receiver: RTCRtpReceiver | None = None,
         pli_interval: float = 1.0,
         on_frame: Callable[[av.VideoFrame, Outcome], None] | None = None,
