@@ -247,3 +247,15 @@ def test_paper_losses_with_a_discriminator_train_and_resume_exactly(tmp_path: Pa
     for mine, theirs in ((straight.generator, resumed.generator), (straight.discriminator, resumed.discriminator)):
         expected, got = _params(mine), _params(theirs)
         assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_model_init_and_config_errors(tmp_path: Path) -> None:
+    from kfgan_daemon.train.trainer import export_generator
+
+    trainer = Trainer(parse_config(_config(tmp_path)))
+    trainer.train_step(trainer.batches.batch(0))
+    weights = export_generator(trainer.generator, tmp_path / "start.safetensors", "lite")
+    started = Trainer(parse_config(_config(tmp_path, model={"init": str(weights)})))
+    assert all(torch.equal(v, trainer.generator.state_dict()[k]) for k, v in started.generator.state_dict().items())
+    with pytest.raises(ConfigError, match="model.config"):
+        Trainer(parse_config(_config(tmp_path, model={"config": {"width": 3}})))

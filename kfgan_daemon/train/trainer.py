@@ -49,21 +49,14 @@ class TrainResult:
 
 def build_generator(config: TrainConfig) -> nn.Module:
     """A fresh generator of the configured variant, optionally initialised from a checkpoint."""
-    kwargs = dict(config.model.config)
+    from kfgan_daemon.model import build_generator as build_variant
+    from kfgan_daemon.model import load_generator
+
     try:
-        if config.model.variant == "lite":
-            from kfgan_daemon.model.lite import LiteGenerator
-
-            generator: nn.Module = LiteGenerator(**kwargs)
-        else:
-            from kfgan_daemon.model import FullGenerator
-
-            generator = FullGenerator(**kwargs)
+        generator = build_variant(config.model.variant, config.model.config)
     except TypeError as exc:
         raise ConfigError(f"model.config does not fit the {config.model.variant} generator: {exc}") from exc
     if config.model.init is not None:
-        from kfgan_daemon.model import load_generator
-
         initial = load_generator(config.model.init, variant=config.model.variant, device="cpu")
         try:
             generator.load_state_dict(initial.state_dict())
@@ -438,21 +431,11 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
 
 
 def export_generator(generator: nn.Module, path: Path | str, variant: str, half: bool = False) -> Path:
-    """Write the generator as our .safetensors: tensors plus metadata {"variant", "config"},
-    the constructor keywords that ``load_generator`` rebuilds the architecture from."""
-    from safetensors.torch import save_file
+    """Write the generator as our .safetensors, with the metadata ``load_generator`` rebuilds it from."""
+    from kfgan_daemon.model import save_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float16 if half else torch.float32
-    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in generator.state_dict().items()}
-    metadata = {"variant": variant, "config": json.dumps(dict(getattr(generator, "config", {})), sort_keys=True)}
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    os.chmod(partial, 0o644)  # a shipped model file, readable by the service user
-    os.replace(partial, path)
-    return path
+    config = dict(getattr(generator, "config", {}))
+    return save_safetensors(generator, path, variant, config=config, half=half)
 
 
 def export_checkpoint(checkpoint: Path | str, path: Path | str, half: bool = False) -> Path:
