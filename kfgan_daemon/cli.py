@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kfgan_daemon.errors import KfganError
+from kfgan_daemon.errors import ConfigError, KfganError
 
 app = typer.Typer(
     name="kfgan-daemon",
@@ -291,9 +291,12 @@ def evaluate(
 def main() -> None:
     try:
         app()
+    except ConfigError as exc:
+        typer.echo(f"kfgan-daemon: invalid configuration: {exc}", err=True)
+        sys.exit(2)
     except KfganError as exc:
         typer.echo(f"kfgan-daemon: error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("kfgan-daemon: interrupted", err=True)
         sys.exit(130)

@@ -16,7 +16,7 @@ import pytest
 from test_webrtc_loopback import ClientPeer, PatternTrack
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER = [sys.executable, "-m", "kfgan_daemon.service"]
+SERVER = [sys.executable, "-m", "kfgan_daemon", "serve"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

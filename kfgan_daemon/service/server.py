@@ -11,20 +11,17 @@ the event loop at half the interval, so a stuck loop gets the unit restarted.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from aiohttp import web
 
 from kfgan_daemon.engine import EngineSettings, StreamEngine, run_async
-from kfgan_daemon.errors import ConfigError, KfganError
+from kfgan_daemon.errors import KfganError
 from kfgan_daemon.service.app import ServiceState, create_app
 from kfgan_daemon.service.config import Settings
 from kfgan_daemon.service.logs import configure_logging
@@ -244,22 +241,3 @@ def serve(settings: Settings) -> None:
     """
     configure_logging(settings.log_level, settings.log_format)
     run_async(run_server(settings))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kfgan_daemon.service [--config PATH] [--host H] [--port N]``."""
-    parser = argparse.ArgumentParser(prog="python -m kfgan_daemon.service", description=serve.__doc__)
-    parser.add_argument("--config", type=Path, help="TOML settings file")
-    parser.add_argument("--host", help="address to bind (overrides the file and KFGAN_HOST)")
-    parser.add_argument("--port", type=int, help="port to bind (overrides the file and KFGAN_PORT)")
-    args = parser.parse_args(argv)
-    try:
-        settings = Settings.load(args.config, host=args.host, port=args.port)
-        serve(settings)
-    except ConfigError as exc:
-        print(f"kfgan-daemon: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    except KfganError as exc:
-        print(f"kfgan-daemon: {exc}", file=sys.stderr)
-        return 1
-    return 0
