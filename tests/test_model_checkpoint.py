@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kfgan_daemon.errors import ModelError
-from kfgan_daemon.model import LiteGenerator, load_generator, read_checkpoint, save_safetensors
+from kfgan_daemon.model import FullGenerator, LiteGenerator, load_generator, read_checkpoint, save_safetensors
 
 
 def _lite(seed: int = 0, small: bool = True) -> LiteGenerator:
@@ -98,3 +98,75 @@ def test_variant_conflict_with_metadata(tmp_path: Path) -> None:
     path = save_safetensors(model, tmp_path / "m.safetensors", variant="lite", config=model.config)
     with pytest.raises(ModelError, match="not full"):
         load_generator(path, variant="full")
+
+
+# -- the published full generator ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_state() -> dict[str, torch.Tensor]:
+    """A FullGenerator state dict with random small weights, as a stand-in for net_g_55000.pth."""
+    torch.manual_seed(5)
+    model = FullGenerator()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.01)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_full_weights(loaded: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    assert isinstance(loaded, FullGenerator) and not loaded.training
+    state = loaded.state_dict()
+    assert list(state) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("wrapper", ["params_ema", None])
+def test_other_published_wrappers_are_accepted(tmp_path: Path, wrapper: str | None) -> None:
+    model = _lite(6, small=False)
+    path = tmp_path / "net_g.pth"
+    torch.save(model.state_dict() if wrapper is None else {wrapper: model.state_dict()}, path)
+    _same_output(model, load_generator(path, variant="lite"))
+
+
+@pytest.mark.slow
+def test_published_full_checkpoint_loads_strictly(tmp_path: Path, full_state: dict) -> None:
+    path = tmp_path / "net_g_55000.pth"
+    torch.save({"params": full_state}, path)
+    # The file is plain tensors: the weights-only unpickler accepts it as is.
+    torch.load(path, map_location="cpu", weights_only=True)
+    _assert_full_weights(load_generator(path), full_state)  # variant guessed from the keys
+
+
+@pytest.mark.slow
+def test_full_safetensors_round_trip(tmp_path: Path, full_state: dict) -> None:
+    model = FullGenerator()
+    model.load_state_dict(full_state)
+    path = save_safetensors(model, tmp_path / "full.safetensors", variant="full", config=model.config)
+    assert read_checkpoint(path).variant == "full"
+    _assert_full_weights(load_generator(path), full_state)
+
+
+def test_full_state_dict_source(full_state: dict) -> None:
+    _assert_full_weights(load_generator({"params": full_state}, variant="full"), full_state)
+
+
+def test_full_checkpoint_with_wrong_keys_names_them(full_state: dict) -> None:
+    state = dict(full_state)
+    state["upsample4.5.weight"] = torch.zeros(3)
+    del state["MASFF_blocks.0.compressed_conv2.bias"]
+    with pytest.raises(ModelError, match=r"MASFF_blocks\.0\.compressed_conv2\.bias.*upsample4\.5\.weight"):
+        load_generator(state, variant="full")
+
+
+def test_lite_weights_do_not_load_as_full() -> None:
+    with pytest.raises(ModelError, match="does not fit FullGenerator"):
+        load_generator(_lite(small=False).state_dict(), variant="full")
+
+
+def test_a_non_checkpoint_torch_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ModelError, match="not a state dict"):
+        load_generator(path)

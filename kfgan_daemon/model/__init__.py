@@ -9,6 +9,8 @@ from torch import nn
 
 from kfgan_daemon.errors import ModelError
 from kfgan_daemon.model.checkpoint import Checkpoint, load_weights, read_checkpoint, save_safetensors, unwrap_state_dict
+from kfgan_daemon.model.discriminator import MultiScaleDiscriminator
+from kfgan_daemon.model.full import FullGenerator
 from kfgan_daemon.model.lite import LiteGenerator
 
 VARIANTS = ("full", "lite")
@@ -24,10 +26,6 @@ def build_generator(variant: str, config: Mapping[str, object] | None = None) ->
     if variant == "lite":
         return LiteGenerator(**dict(config or {}))
     if variant == "full":
-        try:
-            from kfgan_daemon.model.full import FullGenerator
-        except ImportError as exc:
-            raise ModelError("the full generator is not available in this build") from exc
         return FullGenerator(**dict(config or {}))
     raise ModelError(f"unknown generator variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
@@ -58,7 +56,9 @@ def load_generator(
 __all__ = [
     "VARIANTS",
     "Checkpoint",
+    "FullGenerator",
     "LiteGenerator",
+    "MultiScaleDiscriminator",
     "build_generator",
     "load_generator",
     "load_weights",
