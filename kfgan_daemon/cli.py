@@ -209,7 +209,7 @@ def pipe(
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option("--config", help="Training configuration (TOML), e.g. models/configs/lite.toml.")],
+    config: Annotated[Path, typer.Option("--config", help="Training configuration (TOML), e.g. configs/lite.toml.")],
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the run's last checkpoint and start over.")] = False,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many steps in total.")] = None,
 ) -> None:
