@@ -133,7 +133,9 @@ def test_batch_items_are_independent_and_use_the_reference(generator: FullGenera
     reference = torch.rand(2, 3, 64, 64)  # the two items differ only in their reference
     with torch.inference_mode():
         together = generator(compressed, reference, landmarks)
-        one_by_one = torch.cat([generator(compressed[i : i + 1], reference[i : i + 1], landmarks[i : i + 1]) for i in range(2)])
+        one_by_one = torch.cat(
+            [generator(compressed[i : i + 1], reference[i : i + 1], landmarks[i : i + 1]) for i in range(2)]
+        )
     torch.testing.assert_close(together, one_by_one, atol=1e-4, rtol=1e-4)
     assert (together[0] - together[1]).abs().max().item() > 1e-3, "the reference must influence the output"
 
