@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kfgan_daemon.model.vgg import vgg_conv_layers
+
 from kfgan_daemon.errors import MetricUnavailableError
 
 LpipsNet = Literal["alex", "vgg"]
@@ -52,15 +54,7 @@ def _alex_layers() -> list[nn.Module]:
 
 
 def _vgg_layers() -> list[nn.Module]:
-    layers: list[nn.Module] = []
-    channels = 3
-    for width in _VGG_WIDTHS:
-        if width == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(channels, int(width), 3, padding=1), nn.ReLU(inplace=False)]
-            channels = int(width)
-    return layers
+    return vgg_conv_layers(_VGG_WIDTHS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ checkpoint maps onto it by name.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from collections import OrderedDict
 
 import torch
@@ -75,3 +77,17 @@ class VGGFeatureExtractor(nn.Module):
                 # The next in-place ReLU would overwrite a captured conv output.
                 found[name] = x.clone() if name.startswith("conv") else x
         return [found[name] for name in self.layers]
+
+
+def vgg_conv_layers(plan: "Sequence[int | str]") -> list[nn.Module]:
+    """torchvision's VGG ``features`` layout for ``plan`` (channel widths, "M" for max-pooling),
+    so that a torchvision state dict's ``features.N.*`` keys load by position."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in plan:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.ReLU(inplace=False)]
+            channels = int(item)
+    return layers

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from kfgan_daemon.model.vgg import vgg_conv_layers
 from torch.nn import functional as F
 
 from kfgan_daemon.errors import ModelError
@@ -92,14 +94,7 @@ class VGGFeatures(nn.Module):
         if unknown:
             raise ModelError(f"unknown VGG-19 loss layers {unknown}; choose from {list(VGG_LAYERS)}")
         self.layers = {VGG_LAYERS[name]: name for name in layers}
-        modules: list[nn.Module] = []
-        in_channels = 3
-        for item in _VGG19_PLAN:
-            if item == "M":
-                modules.append(nn.MaxPool2d(2, 2))
-            else:
-                modules += [nn.Conv2d(in_channels, int(item), 3, padding=1), nn.ReLU(inplace=False)]
-                in_channels = int(item)
+        modules = vgg_conv_layers(_VGG19_PLAN)
         last = max(self.layers)
         self.features = nn.Sequential(*modules[: last + 1])
         self.features.load_state_dict(_vgg_state_dict(weights, last))
