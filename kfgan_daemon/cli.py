@@ -1,14 +1,19 @@
-"""The `kfgan-daemon` command line."""
+"""The `kfgan-daemon` command line.
+
+Paths are checked before anything heavy is imported (torch alone takes seconds to
+load), so a mistyped file name is reported at once; each command imports what it
+needs inside its body.
+"""
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from kfgan_daemon.errors import ConfigError, KfganError
+from kfgan_daemon.errors import ConfigError, InputError, KfganError, OutputError
 
 app = typer.Typer(
     name="kfgan-daemon",
@@ -16,16 +21,42 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain click help: typer's rich panels print "<bool>" after every flag, which reads as if it took a value.
+    rich_markup_mode=None,
 )
 
 CheckpointOpt = Annotated[
     Optional[Path],
     typer.Option("--checkpoint", "-c", help="Generator checkpoint (.safetensors or the published .pth); default: the shipped lite model."),
 ]
-VariantOpt = Annotated[Optional[str], typer.Option(help="Architecture of the checkpoint: full or lite (default: from the file).")]
+VariantOpt = Annotated[Optional[str], typer.Option(help="Architecture of the checkpoint: full, guided or lite (default: from the file).")]
 DeviceOpt = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")]
 HalfOpt = Annotated[bool, typer.Option("--half", help="Half precision (CUDA only).")]
 DetectorOpt = Annotated[str, typer.Option(help="Face detector: hog (fast) or cnn (dlib mmod, slow on CPU).")]
+RuntimeOpt = Annotated[
+    str, typer.Option(help="Generator runtime: torch, or onnxruntime (CPU; needs the [onnx] extra).")
+]
+VideoArg = Annotated[
+    Path,
+    typer.Argument(exists=True, dir_okay=False, readable=True, help="Recorded call (any container/codec FFmpeg reads)."),
+]
+
+
+def _require_video(path: Path) -> None:
+    """Fail before torch and dlib load when FFmpeg cannot read a video stream from ``path``."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path}: no video stream in this file")
+    except av.error.FFmpegError as exc:
+        raise InputError(f"{path}: not a video FFmpeg can read ({exc.strerror or exc})") from exc
+
+
+def _require_output_folder(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: the folder {path.parent} does not exist")
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -42,16 +73,46 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at 
 
 @app.command()
 def restore(
-    input: Annotated[Path, typer.Argument(help="Recorded call (any container/codec FFmpeg reads).")],
-    output: Annotated[Path, typer.Argument(help="Restored video (H.264, audio copied).")],
+    input: VideoArg,
+    output: Annotated[Path, typer.Argument(dir_okay=False, help="Restored video (H.264, audio copied).")],
     checkpoint: CheckpointOpt = None,
     variant: VariantOpt = None,
     device: DeviceOpt = "cpu",
     half: HalfOpt = False,
-    crf: Annotated[int, typer.Option(min=0, max=51, help="libx264 CRF of the output (18: visually lossless).")] = 18,
+    crf: Annotated[
+        int,
+        typer.Option(min=0, max=51, help="libx264 CRF of the output (18: re-encoding a call costs under 0.1 dB)."),
+    ] = 18,
     bitrate: Annotated[Optional[int], typer.Option(min=1, help="Target bitrate in bit/s instead of CRF.")] = None,
+    lossless: Annotated[
+        bool,
+        typer.Option(
+            "--lossless",
+            help="Encode the output losslessly (libx264 qp 0, yuv420p; large files): every pixel the "
+            "restoration did not touch decodes bit-identical to the input.",
+        ),
+    ] = False,
     preset: Annotated[str, typer.Option(help="libx264 preset.")] = "medium",
-    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Write input | restored next to each other.")] = False,
+    paste_mode: Annotated[
+        Literal["correction", "replace"],
+        typer.Option(
+            help="correction: add the generator's change to the frame's own pixels (keeps a large face's detail); "
+            "replace: paste the restored 256x256 crop itself, as the published code does."
+        ),
+    ] = "correction",
+    side_by_side: Annotated[
+        bool,
+        typer.Option("--side-by-side/--no-side-by-side", help="Write input | restored next to each other, labelled."),
+    ] = False,
+    degrade_crf: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0,
+            max=51,
+            help="First compress the input with libx264 at this CRF (one I-frame a second), as a call delivers it, "
+            "and restore that; the demo: --degrade-crf 42 --side-by-side.",
+        ),
+    ] = None,
     detector: DetectorOpt = "hog",
     keyframes: Annotated[int, typer.Option(min=1, help="Keyframe store size.")] = 10,
     policy: Annotated[str, typer.Option(help="Keyframe policy: lfu or max_distance.")] = "lfu",
@@ -59,27 +120,35 @@ def restore(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Restore the speaker's face in a recorded call."""
+    _require_video(input)
+    _require_output_folder(output)
     from kfgan_daemon.restore.file_job import EncodeOptions, restore_file
     from kfgan_daemon.restore.model_choice import open_generator
     from kfgan_daemon.restore.settings import RestoreSettings
 
-    settings = RestoreSettings(detector=detector, keyframe_store_size=keyframes, keyframe_policy=policy, warp_mode=warp)
+    settings = RestoreSettings(
+        detector=detector, keyframe_store_size=keyframes, keyframe_policy=policy, warp_mode=warp, paste_mode=paste_mode
+    )
     generator = open_generator(checkpoint, variant=variant, device=device, half=half)
     summary = restore_file(
         input,
         output,
         generator,
         settings=settings,
-        encode=EncodeOptions(crf=crf, bitrate=bitrate, preset=preset),
+        encode=EncodeOptions(crf=crf, bitrate=bitrate, preset=preset, lossless=lossless),
         compare=side_by_side,
         progress=not quiet,
+        degrade_crf=degrade_crf,
     )
     typer.echo(f"{output}: {summary.describe()}")
 
 
 @app.command()
 def bench(
-    clip: Annotated[Path, typer.Argument(help="Clip to time (a real talking head gives meaningful numbers).")],
+    clip: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, readable=True, help="Clip to time (a real talking head gives meaningful numbers)."),
+    ],
     checkpoint: CheckpointOpt = None,
     variant: VariantOpt = None,
     device: DeviceOpt = "cpu",
@@ -92,18 +161,27 @@ def bench(
     fps: Annotated[Optional[float], typer.Option(min=1.0, help="Live mode: sending rate (default: the clip's).")] = None,
     size: Annotated[Optional[str], typer.Option(help="Live mode: WIDTHxHEIGHT to scale the clip to, e.g. 1280x720.")] = None,
     policy: Annotated[str, typer.Option(help="Live mode: overload policy, passthrough or drop.")] = "passthrough",
+    runtime: RuntimeOpt = "torch",
+    preset: Annotated[str, typer.Option(help="Live mode: libx264 preset of the pipe's output.")] = "superfast",
+    streams: Annotated[int, typer.Option(min=1, help="Live mode: cameras sending at once, through one engine.")] = 1,
+    carry_forward: Annotated[
+        bool,
+        typer.Option("--carry-forward", help="Face PSNR and flicker with every 1st/2nd/3rd frame restored and the correction carried in between (--frames frames, CRF 42)."),
+    ] = False,
 ) -> None:
     """Per-stage milliseconds and FPS of the restoration path on a clip; with --live, added latency through `pipe`."""
+    _require_video(clip)
     from kfgan_daemon.restore.model_choice import open_generator
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    generator = open_generator(checkpoint, variant=variant, device=device, half=half)
+    generator = open_generator(checkpoint, variant=variant, device=device, half=half, runtime=runtime)
     if live:
         from kfgan_daemon.engine import run_async
-        from kfgan_daemon.engine.livebench import live_bench
+        from kfgan_daemon.rtpapps.livebench import live_bench
+        from kfgan_daemon.rtpapps.pipe import EncoderOptions
         from kfgan_daemon.restore.settings import RestoreSettings
 
         result = run_async(
@@ -115,9 +193,18 @@ def bench(
                 size=_parse_size(size),
                 policy=policy,
                 restore_settings=RestoreSettings(detector=detector),
+                output_encoder=EncoderOptions(preset=preset),
+                streams=streams,
             )
         )
         typer.echo(result.describe())
+        return
+    if carry_forward:
+        from kfgan_daemon.eval.carry_forward import measure_carry_forward, render_rows
+        from kfgan_daemon.restore.settings import RestoreSettings
+
+        rows = measure_carry_forward(clip, generator, max_frames=frames, settings=RestoreSettings(detector=detector))
+        typer.echo(render_rows(rows, crf=42))
         return
     from kfgan_daemon.bench import run_offline_bench
 
@@ -151,7 +238,10 @@ def doctor(
 
 @app.command()
 def serve(
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (see systemd/kfgan-daemon.toml).")] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", exists=True, dir_okay=False, readable=True, help="TOML settings file (see systemd/kfgan-daemon.toml)."),
+    ] = None,
     host: Annotated[Optional[str], typer.Option(help="Address to bind (overrides the file and KFGAN_HOST).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port to bind (overrides the file and KFGAN_PORT).")] = None,
 ) -> None:
@@ -164,7 +254,9 @@ def serve(
 
 @app.command()
 def pipe(
-    input: Annotated[Path, typer.Option("--input", "-i", help="SDP file of the incoming H.264 RTP stream.")],
+    input: Annotated[
+        Path, typer.Option("--input", "-i", exists=True, dir_okay=False, readable=True, help="SDP file of the incoming H.264 RTP stream.")
+    ],
     output: Annotated[str, typer.Option("--output", "-o", help="rtp://HOST:PORT, or - for y4m on stdout.")],
     output_sdp: Annotated[Optional[Path], typer.Option(help="Where to write the output's SDP (for ffmpeg/GStreamer/VLC).")] = None,
     checkpoint: CheckpointOpt = None,
@@ -180,14 +272,16 @@ def pipe(
     max_latency_ms: Annotated[Optional[float], typer.Option(min=1.0, help="Latency restoration may add before a frame goes out unrestored (default 80).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
     detector: DetectorOpt = "hog",
+    runtime: RuntimeOpt = "torch",
+    preset: Annotated[str, typer.Option(help="libx264 preset of the RTP output.")] = "superfast",
 ) -> None:
     """Restore an H.264 RTP stream: SDP in, RTP (with its SDP) or y4m on stdout out."""
     from kfgan_daemon.engine import EngineSettings, run_async
-    from kfgan_daemon.engine.pipe import EncoderOptions, run_pipe
+    from kfgan_daemon.rtpapps.pipe import EncoderOptions, run_pipe
     from kfgan_daemon.restore.model_choice import open_generator
     from kfgan_daemon.restore.settings import RestoreSettings
 
-    generator = open_generator(checkpoint, variant=variant, device=device, half=half)
+    generator = open_generator(checkpoint, variant=variant, device=device, half=half, runtime=runtime)
     engine_settings = None if max_latency_ms is None else EngineSettings(max_latency=max_latency_ms / 1000.0)
     summary = run_async(
         run_pipe(
@@ -195,7 +289,7 @@ def pipe(
             output,
             generator,
             output_sdp=output_sdp,
-            encoder=EncoderOptions(crf=crf, bitrate=bitrate, gop=gop),
+            encoder=EncoderOptions(crf=crf, bitrate=bitrate, gop=gop, preset=preset),
             policy=policy,
             restore_settings=RestoreSettings(detector=detector),
             loss_policy=loss_policy,
@@ -209,7 +303,9 @@ def pipe(
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option("--config", help="Training configuration (TOML), e.g. configs/lite.toml.")],
+    config: Annotated[
+        Path, typer.Option("--config", exists=True, dir_okay=False, readable=True, help="Training configuration (TOML), e.g. configs/lite.toml.")
+    ],
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the run's last checkpoint and start over.")] = False,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many steps in total.")] = None,
 ) -> None:
@@ -228,38 +324,42 @@ app.add_typer(dataset_app, name="dataset")
 
 @dataset_app.command("build")
 def dataset_build(
-    videos: Annotated[Path, typer.Option("--videos", help="Folder of high-quality talking-head videos.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder (resumes an interrupted build).")],
-    crf: Annotated[list[int], typer.Option("--crf", help="CRF of the degraded stream; repeat for several.")] = [42],
-    keyint_seconds: Annotated[float, typer.Option(min=0.04, help="Keyframe interval of the degraded stream.")] = 1.0,
-    reference_mode: Annotated[str, typer.Option(help="hq: keyframes cut from the original; stream: the decoded I-frames.")] = "hq",
-    validation: Annotated[Optional[list[str]], typer.Option("--validation", help="Video name held out for validation; repeat.")] = None,
-    detector: DetectorOpt = "hog",
-    max_frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per video at most.")] = None,
+    config: Annotated[Path, typer.Option("--config", exists=True, dir_okay=False, help="Training configuration whose [dataset] and data.dir say what to build, e.g. configs/guided.toml.")],
+    keep_encoded: Annotated[bool, typer.Option("--keep-encoded", help="Keep the degraded streams in <data.dir>/encoded.")] = False,
 ) -> None:
-    """Encode each video at the CRF(s), track and align faces, and write training samples split by video."""
-    from kfgan_daemon.train import build_dataset
+    """Encode each video at the CRF(s), track and align faces, and write training samples split by person."""
+    from kfgan_daemon.train import build_dataset, load_config
+    from kfgan_daemon.train.dataset import BuildOptions
 
-    manifest = build_dataset(
-        videos,
-        out,
-        crfs=crf,
-        keyint_seconds=keyint_seconds,
-        reference_mode=reference_mode,
-        validation=validation,
-        detector=detector,
-        max_frames=max_frames,
+    settings = load_config(config)
+    spec = settings.dataset
+    if not spec.validation or not spec.test:
+        raise ConfigError(
+            f"{config}: dataset.validation and dataset.test must name persons (who chooses the checkpoint, "
+            "who is held out); see configs/guided.toml"
+        )
+    options = BuildOptions(
+        crfs=tuple(spec.crfs),
+        keyint_seconds=spec.keyint_seconds,
+        sample_every=spec.sample_every,
+        sample_offset=spec.sample_offset,
+        persons={person: list(videos) for person, videos in spec.persons.items()},
+        validation=tuple(spec.validation),
+        test=tuple(spec.test),
+        preset=spec.preset,
+        max_frames=spec.max_frames,
     )
+    manifest = build_dataset(spec.videos, settings.data.dir, options, keep_encoded=keep_encoded, workers=spec.workers)
     samples = sum(info.get("samples", 0) for info in manifest.files.values())
     typer.echo(
-        f"{out}: {len(manifest.files)} sample files, {samples} samples; "
-        f"train: {', '.join(manifest.train)}; validation: {', '.join(manifest.validation)}"
+        f"{settings.data.dir}: {len(manifest.files)} sample files, {samples} samples; "
+        + "; ".join(f"{split}: {', '.join(manifest.videos_of(split))}" for split in ("train", "validation", "test"))
     )
 
 
 @app.command("eval")
 def evaluate(
-    clips: Annotated[Path, typer.Option("--clips", help="A clip or a folder of high-quality clips.")],
+    clips: Annotated[Path, typer.Option("--clips", exists=True, help="A clip or a folder of high-quality clips.")],
     out: Annotated[Path, typer.Option("--out", help="Where eval.json, eval.md and grid.png go.")] = Path("eval-report"),
     crf: Annotated[int, typer.Option(min=0, max=51, help="CRF of the degraded stream.")] = 42,
     model: Annotated[Optional[list[str]], typer.Option("--model", help="PATH or NAME=PATH; repeat. Default: the shipped model.")] = None,
@@ -273,7 +373,7 @@ def evaluate(
     from kfgan_daemon.eval.report import render_markdown
     from kfgan_daemon.restore.model_choice import resolve_model_path
 
-    models = model or [f"kfgan-lite={resolve_model_path(None)}"]
+    models = model or [str(resolve_model_path(None))]
     report = run_eval(
         clips,
         crf,

@@ -7,6 +7,10 @@ from pathlib import Path
 import av
 import numpy as np
 
+from kfgan_daemon.media import FileSource
+from kfgan_daemon.media.colour import ColourSpace
+from kfgan_daemon.media.frame import DecodedFrame
+
 
 def synthetic_picture(index: int, width: int, height: int) -> np.ndarray:
     """A moving gradient with a bright square: texture for the encoder, no face for the detector."""
@@ -37,7 +41,7 @@ def write_synthetic_clip(
             sound = container.add_stream("aac", rate=48000)
             sound.layout = "mono"
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(synthetic_picture(i, width, height), format="bgr24")
+            frame = DecodedFrame.from_rgb(synthetic_picture(i, width, height), ColourSpace("bt601")).to_av()
             frame.pts = i
             frame.time_base = Fraction(1, fps)
             container.mux(video.encode(frame))
@@ -60,5 +64,6 @@ def write_synthetic_clip(
 
 
 def read_all_frames(path: Path) -> list[np.ndarray]:
-    with av.open(str(path)) as container:
-        return [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    """The decoded luma (Y) planes of every frame."""
+    with FileSource(path) as source:
+        return [frame.luma for frame in source]

@@ -14,7 +14,11 @@ from fractions import Fraction
 
 import numpy as np
 
+from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.frame import DecodedFrame
+
+RESTORED_MARK = 255  # luma of pixel (0, 1) in a restored frame
+CARRIED_MARK = 128  # ... and in a frame the last correction was carried onto
 
 
 @dataclass(slots=True)
@@ -23,12 +27,19 @@ class ScriptedJob:
     index: int
     crop: np.ndarray
 
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.array([[1.0, 0.0, self.index], [0.0, 1.0, 0.0]])
+
 
 @dataclass
 class ScriptedRestorer:
     """Every frame has a face; restoring needs a stored keyframe first, exactly like the real restorer.
 
-    ``fail_prepare`` / ``fail_complete``: frame indexes whose step raises.
+    ``fail_prepare`` / ``fail_complete``: frame indexes whose step raises. A
+    restored frame carries its crop's value in luma pixel (0, 0) and
+    ``RESTORED_MARK`` in (0, 1); a carried-forward frame the last restored
+    crop's value and ``CARRIED_MARK``. ``matrix`` of a frame is its index.
     """
 
     name: str = "s"
@@ -39,6 +50,10 @@ class ScriptedRestorer:
     prepared: list[int] = field(default_factory=list)
     observed: list[int] = field(default_factory=list)
     passed: list[int] = field(default_factory=list)
+    located: list[int] = field(default_factory=list)
+    carried: list[tuple[int, int]] = field(default_factory=list)  # (frame index, index of the restored frame)
+    skip_reason: str | None = None
+    last_restored: tuple[int, int] | None = None  # (frame index, crop value)
     _threads: set[int] = field(default_factory=set)
     _busy: threading.Lock = field(default_factory=threading.Lock)
     overlapped: bool = False
@@ -59,8 +74,20 @@ class ScriptedRestorer:
             if frame.is_keyframe:
                 self.store.append(frame.index)
             if not self.store:
+                self.skip_reason = "no_keyframe"
                 return None
+            self.skip_reason = None
             return ScriptedJob(self.name, frame.index, np.full((8, 8, 3), frame.index % 256, np.uint8))
+        finally:
+            self._busy.release()
+
+    def locate(self, frame: DecodedFrame) -> np.ndarray:
+        self._enter()
+        try:
+            self.located.append(frame.index)
+            if frame.is_keyframe:
+                self.store.append(frame.index)
+            return np.array([[1.0, 0.0, frame.index], [0.0, 1.0, 0.0]])
         finally:
             self._busy.release()
 
@@ -77,10 +104,27 @@ class ScriptedRestorer:
         if frame.index in self.fail_complete:
             raise RuntimeError(f"scripted complete failure on frame {frame.index}")
         assert job.index == frame.index
-        image = frame.image.copy()
-        image[0, 0] = restored_crop[0, 0]
-        image[0, 1] = 255  # marks the frame as restored
-        return frame.with_image(image)
+        out = frame.copy()
+        out.y[0, 0] = restored_crop[0, 0, 0]
+        out.y[0, 1] = RESTORED_MARK
+        self.last_restored = (frame.index, int(restored_crop[0, 0, 0]))
+        return out
+
+    def carry_forward(self, frame: DecodedFrame, matrix: np.ndarray | None) -> DecodedFrame | None:
+        if self.last_restored is None:
+            return None
+        # the frame's own alignment, or (no time to follow it) an earlier frame's
+        assert matrix is None or matrix[0, 2] == frame.index
+        restored_index, value = self.last_restored
+        self.carried.append((frame.index, restored_index))
+        out = frame.copy()
+        out.y[0, 0] = value
+        out.y[0, 1] = CARRIED_MARK
+        return out
+
+    @property
+    def can_carry_forward(self) -> bool:
+        return self.last_restored is not None
 
     def pass_through(self, frame: DecodedFrame) -> DecodedFrame:
         self.passed.append(frame.index)
@@ -113,8 +157,17 @@ class TimedGenerator:
 
 
 def make_frame(index: int, gop: int = 10, size: tuple[int, int] = (32, 48)) -> DecodedFrame:
-    image = np.full((*size, 3), index % 200, np.uint8)
-    return DecodedFrame(image, pts=index * 3600, time_base=Fraction(1, 90000), is_keyframe=index % gop == 0, index=index)
+    height, width = size
+    return DecodedFrame(
+        y=np.full((height, width), index % 200, np.uint8),
+        u=np.full((height // 2, width // 2), 128, np.uint8),
+        v=np.full((height // 2, width // 2), 128, np.uint8),
+        colour=ColourSpace("bt601", False),
+        pts=index * 3600,
+        time_base=Fraction(1, 90000),
+        is_keyframe=index % gop == 0,
+        index=index,
+    )
 
 
 async def feed(stream, count: int, fps: float | None, gop: int = 10, start: int = 0, close: bool = True) -> None:

@@ -97,7 +97,7 @@ async def test_file_stream_restores_the_real_face_and_leaves_the_background(degr
     assert len(restorer.store) >= 1
     for frame, out in restored:
         assert out.frame.pts == frame.pts and out.frame.is_keyframe == frame.is_keyframe
-        changed = np.abs(out.frame.image.astype(np.int16) - frame.image).max(axis=2) > 0
+        changed = out.frame.y != frame.y
         border = np.concatenate([changed[:4].ravel(), changed[-4:].ravel(), changed[:, :4].ravel(), changed[:, -4:].ravel()])
         # the face is changed, the rest of a close-up is not: well under the whole frame, little of its border
         assert 0.05 < changed.mean() < 0.85, changed.mean()
@@ -119,7 +119,8 @@ async def test_slow_real_generator_keeps_latency_bounded_and_stores_keyframes(de
     assert [out.frame.index for out in outputs] == [frame.index for frame in frames]
     assert stream.stats.keyframes == 4
     assert restorer.stats.keyframes_stored >= 3 and len(restorer.store) >= 3
-    assert stream.stats.passthrough > 0 and stream.stats.deadline_misses > 0
+    # nothing was ever restored in time, so there was no correction to carry: late frames went out as they came
+    assert stream.stats.shed > 0 and stream.stats.deadline_misses > 0 and stream.stats.carried_forward == 0
 
 
 async def test_real_restorer_passes_a_faceless_clip_through_in_order(tmp_path: Path) -> None:
@@ -129,6 +130,6 @@ async def test_real_restorer_passes_a_faceless_clip_through_in_order(tmp_path: P
     async with StreamEngine(lite_generator()) as engine:
         stream, outputs = await run_stream(engine, restorer, frames, realtime=False, fps=None)
     assert [out.frame.index for out in outputs] == list(range(20))
-    assert all(out.outcome is Outcome.SKIPPED for out in outputs)
-    assert all(np.array_equal(out.frame.image, frame.image) for out, frame in zip(outputs, frames))
+    assert all(out.outcome is Outcome.NO_FACE for out in outputs)
+    assert all(out.frame.same_pixels(frame) for out, frame in zip(outputs, frames))
     assert stream.stats.keyframes == 4 and restorer.stats.no_face == 20

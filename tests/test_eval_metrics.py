@@ -59,14 +59,14 @@ def test_ssim_y_ignores_what_luma_does_not_see():
     # Swapping blue and red by amounts that cancel in BT.601 luma is invisible on Y but not on RGB.
     a = np.full((16, 16, 3), 128, np.uint8)
     b = a.copy()
-    b[4:12, 4:12] = (128 + 30, 128, 128 - round(30 * 0.114 / 0.299))
+    b[4:12, 4:12] = (128 - round(30 * 0.114 / 0.299), 128, 128 + 30)
     assert metrics.ssim(a, b) > 0.99
     assert metrics.ssim(a, b, channel="rgb") < 0.99
 
 
-def test_luma_uses_bt601_weights_in_bgr_order():
-    pixel = np.array([[[10, 20, 30]]], np.uint8)  # B, G, R
-    assert metrics.luma(pixel)[0, 0] == pytest.approx(0.114 * 10 + 0.587 * 20 + 0.299 * 30)
+def test_luma_uses_bt601_weights_in_rgb_order():
+    pixel = np.array([[[10, 20, 30]]], np.uint8)  # R, G, B
+    assert metrics.luma(pixel)[0, 0] == pytest.approx(0.299 * 10 + 0.587 * 20 + 0.114 * 30)
 
 
 def test_metrics_refuse_mismatched_inputs():

@@ -74,18 +74,39 @@ def test_landmark_image_marks_each_point_clamped():
 @pytest.mark.parametrize("which", ["key", "target"])
 def test_matches_official_alignment(official_fixture, which):
     landmarks = official_fixture[f"landmarks_{which}"]
-    matrix = alignment_matrix(landmarks)
+    matrix = alignment_matrix(landmarks, mode="published")
     np.testing.assert_array_equal(matrix, official_fixture[f"align_matrix_{which}"])
     np.testing.assert_array_equal(crop_landmarks(landmarks, matrix), official_fixture[f"crop_landmarks_{which}"])
 
 
 @pytest.mark.shared
 def test_matches_official_crops_and_landmark_image(official_fixture):
-    target = align_face(official_fixture["frame_compressed_target"], official_fixture["landmarks_target"])
+    def published(frame: str, landmarks: str):
+        return align_face(official_fixture[frame], official_fixture[landmarks], mode="published")
+
+    target = published("frame_compressed_target", "landmarks_target")
     np.testing.assert_array_equal(target.crop, official_fixture["crop_compressed_target"])
     np.testing.assert_array_equal(target.crop_landmarks, official_fixture["crop_landmarks_target"])
-    original = align_face(official_fixture["frame_original_target"], official_fixture["landmarks_target"])
+    original = published("frame_original_target", "landmarks_target")
     np.testing.assert_array_equal(original.crop, official_fixture["crop_original_target"])
-    key = align_face(official_fixture["frame_original_key"], official_fixture["landmarks_key"])
+    key = published("frame_original_key", "landmarks_key")
     np.testing.assert_array_equal(key.crop, official_fixture["crop_original_key"])
     np.testing.assert_array_equal(landmark_image(target.crop_landmarks), official_fixture["landmark_image"])
+
+
+def test_subpixel_alignment_follows_fractional_motion():
+    landmarks = synthetic_landmarks(center=(300.25, 200.0))
+    shifts = []
+    for step in range(4):
+        moved = landmarks + (0.25 * step, 0.0)
+        shifts.append(transform_points(moved[36:48].mean(axis=0, keepdims=True), alignment_matrix(moved))[0, 0])
+        published = transform_points(moved[36:48].mean(axis=0, keepdims=True), alignment_matrix(moved, mode="published"))
+        # The published cast snaps the eye midpoint to whole pixels, so the face slides inside the crop.
+        assert abs(published[0, 0] - 128.0) <= 1.0
+    # Sub-pixel: the eyes' midpoint stays exactly at the crop's centre however far the face moved.
+    np.testing.assert_allclose(shifts, 128.0, atol=1e-9)
+
+
+def test_unknown_alignment_mode_raises():
+    with pytest.raises(InputError, match="alignment mode"):
+        alignment_matrix(synthetic_landmarks(), mode="integer")

@@ -17,6 +17,8 @@ from kfgan_daemon.media.bitstream import (
     vp8_is_keyframe,
     vp8_rtp_payload_is_keyframe,
 )
+from kfgan_daemon.media.colour import ColourSpace
+from kfgan_daemon.media.frame import DecodedFrame
 
 
 def pictures(count: int, width: int = 64, height: int = 48, cut_at: int | None = None):
@@ -24,7 +26,7 @@ def pictures(count: int, width: int = 64, height: int = 48, cut_at: int | None =
         rng = np.random.default_rng(1000 + i if cut_at is not None and i >= cut_at else 0)
         base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         image = np.roll(base, i, axis=1)
-        picture = av.VideoFrame.from_ndarray(image, format="bgr24")
+        picture = DecodedFrame.from_rgb(image, ColourSpace("bt601")).to_av()
         picture.pts, picture.time_base = i, Fraction(1, 25)
         yield picture
 

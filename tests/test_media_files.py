@@ -10,8 +10,15 @@ import pytest
 
 from kfgan_daemon.errors import InputError, NoVideoStreamError, OutputError
 from kfgan_daemon.media import DecodedFrame, FileSink, FileSource, encode_h264_file
+from kfgan_daemon.media.colour import ColourSpace
 
 WIDTH, HEIGHT = 96, 64
+
+
+def rgb_frame(image: np.ndarray, pts: int | None, time_base: Fraction | None, is_keyframe: bool, index: int) -> DecodedFrame:
+    return DecodedFrame.from_rgb(
+        image, ColourSpace("bt601"), pts=pts, time_base=time_base, is_keyframe=is_keyframe, index=index
+    )
 
 
 def picture(index: int, width: int = WIDTH, height: int = HEIGHT, scene: int = 0) -> np.ndarray:
@@ -45,7 +52,7 @@ def write_clip(
             sound.layout = "mono"
         for i in range(frames):
             scene = int(scene_cut_at is not None and i >= scene_cut_at)
-            frame = av.VideoFrame.from_ndarray(picture(i, scene=scene), format="bgr24")
+            frame = DecodedFrame.from_rgb(picture(i, scene=scene), ColourSpace("bt601")).to_av()
             frame.pts, frame.time_base = i, Fraction(1, fps)
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
@@ -80,7 +87,8 @@ def test_iframes_follow_the_encoders_gop(tmp_path: Path) -> None:
         frames = list(source)
     assert [f.index for f in frames] == list(range(35))
     assert [f.index for f in frames if f.is_keyframe] == [0, 10, 20, 30]
-    assert all(f.image.shape == (HEIGHT, WIDTH, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert all(f.y.shape == (HEIGHT, WIDTH) and f.u.shape == f.v.shape == (HEIGHT // 2, WIDTH // 2) for f in frames)
+    assert all(f.y.dtype == np.uint8 and f.colour == ColourSpace("bt601") for f in frames)
 
 
 def test_scene_cut_makes_a_non_idr_iframe_that_is_tagged(tmp_path: Path) -> None:
@@ -159,7 +167,7 @@ def test_sink_bitrate_gop_and_untimed_frames(tmp_path: Path) -> None:
     with FileSink(out, WIDTH, HEIGHT, Fraction(25), bitrate=200_000, gop=5, preset="ultrafast",
                   x264_options={"keyint_min": "5", "sc_threshold": "0"}) as sink:
         for i in range(12):
-            sink.write(DecodedFrame(picture(i), pts=None, time_base=None, is_keyframe=False, index=i))
+            sink.write(rgb_frame(picture(i), pts=None, time_base=None, is_keyframe=False, index=i))
     with FileSource(out) as source:
         frames = list(source)
     assert [f.index for f in frames if f.is_keyframe] == [0, 5, 10]
@@ -170,7 +178,7 @@ def test_sink_failure_in_caller_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "never.mp4"
     with pytest.raises(RuntimeError):
         with FileSink(out, WIDTH, HEIGHT, 25, preset="ultrafast") as sink:
-            sink.write(DecodedFrame(picture(0), 0, Fraction(1, 25), True, 0))
+            sink.write(rgb_frame(picture(0), 0, Fraction(1, 25), True, 0))
             raise RuntimeError("restoration crashed")
     assert list(tmp_path.iterdir()) == []
 
@@ -179,8 +187,8 @@ def test_sink_own_failure_raises_output_error_and_leaves_nothing(tmp_path: Path)
     out = tmp_path / "bad.mp4"
     with pytest.raises(OutputError, match="frame is 32x32"):
         with FileSink(out, WIDTH, HEIGHT, 25, preset="ultrafast") as sink:
-            sink.write(DecodedFrame(picture(0), 0, Fraction(1, 25), True, 0))
-            sink.write(DecodedFrame(np.zeros((32, 32, 3), np.uint8), 1, Fraction(1, 25), False, 1))
+            sink.write(rgb_frame(picture(0), 0, Fraction(1, 25), True, 0))
+            sink.write(rgb_frame(np.zeros((32, 32, 3), np.uint8), 1, Fraction(1, 25), False, 1))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -207,7 +215,8 @@ def test_sink_open_errors(tmp_path: Path, path_name: str, size: tuple[int, int],
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-def test_sink_keeps_the_bt709_matrix_and_tag(tmp_path: Path) -> None:
+@pytest.mark.parametrize("full_range", [False, True])
+def test_sink_keeps_the_planes_and_every_colour_tag(tmp_path: Path, full_range: bool) -> None:
     clip = tmp_path / "709.mp4"
     with av.open(str(clip), "w") as container:
         video = container.add_stream("libx264", rate=25)
@@ -215,27 +224,27 @@ def test_sink_keeps_the_bt709_matrix_and_tag(tmp_path: Path) -> None:
         video.codec_context.colorspace = 1
         video.codec_context.color_primaries = 1
         video.codec_context.color_trc = 1
-        video.codec_context.color_range = 1
+        video.codec_context.color_range = 2 if full_range else 1
         video.options = {"crf": "10"}
+        space = ColourSpace("bt709", full_range)
         for i in range(3):
-            frame = av.VideoFrame.from_ndarray(picture(i), format="bgr24").reformat(
-                format="yuv420p", dst_colorspace="ITU709"
-            )
-            frame.pts = i
+            frame = DecodedFrame.from_rgb(picture(i), space, pts=i).to_av()
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
     out = tmp_path / "out.mp4"
     with FileSource(clip) as source:
-        assert source.colorspace == "bt709"
+        assert source.colour == space
         originals = []
-        with FileSink.like(source, out, crf=10, preset="ultrafast") as sink:
+        with FileSink.like(source, out, qp=0, preset="ultrafast") as sink:
             for frame in source:
-                originals.append(frame.image)
+                originals.append(frame)
                 sink.write(frame)
     with FileSource(out) as result:
-        assert result.colorspace == "bt709"
-        error = np.mean([np.abs(f.image.astype(int) - o).mean() for f, o in zip(result, originals)])
-    assert error < 2.5
+        assert result.colour == space
+        tags = result._stream.codec_context
+        assert (tags.colorspace, tags.color_primaries, tags.color_trc) == (1, 1, 1)
+        # Lossless output of untouched frames: the decoded planes come back bit for bit.
+        assert all(f.same_pixels(o) for f, o in zip(result, originals))
 
 
 # -- encode_h264_file -------------------------------------------------------------------
@@ -291,7 +300,7 @@ def test_cover_art_is_not_a_video_stream(tmp_path: Path) -> None:
         cover = container.add_stream("mjpeg", rate=1)
         cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
         cover.disposition = av.stream.Disposition.attached_pic
-        art = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="bgr24").reformat(format="yuvj420p")
+        art = DecodedFrame.from_rgb(np.zeros((64, 64, 3), np.uint8), ColourSpace("bt601")).to_av().reformat(format="yuvj420p")
         art.pts = 0
         container.mux(cover.encode(art))
         container.mux(cover.encode(None))
@@ -378,10 +387,10 @@ def test_real_clip_compressed_to_crf42_keeps_timing_colour_and_audio(media_dir: 
     with FileSource(clip) as original, FileSource(low) as degraded:
         assert written == 90 == degraded.frame_count
         assert (degraded.width, degraded.height, degraded.frame_rate) == (original.width, original.height, original.frame_rate)
-        assert degraded.colorspace == original.colorspace == "bt709"
+        assert degraded.colour == original.colour == ColourSpace("bt709")
         assert degraded.has_audio
         pairs = list(zip(original, degraded))
     assert [d.index for _, d in pairs if d.is_keyframe] == [0, 30, 60]
     assert all(o.time == pytest.approx(d.time, abs=1e-6) for o, d in pairs)
-    error = np.mean([np.abs(o.image.astype(int) - d.image).mean() for o, d in pairs])
+    error = np.mean([np.abs(o.y.astype(int) - d.y).mean() for o, d in pairs])
     assert 1 < error < 12  # visibly degraded, still the same pictures

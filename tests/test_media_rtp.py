@@ -10,6 +10,8 @@ import pytest
 
 from kfgan_daemon.errors import RtpPacketError, SdpError
 from kfgan_daemon.media.bitstream import NalType, nal_type, split_annexb
+from kfgan_daemon.media.colour import ColourSpace
+from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.media.rtp import (
     AccessUnit,
     H264AccessUnitDecoder,
@@ -39,7 +41,7 @@ def encoded_access_units(count: int = 24, gop: int = 8, width: int = 320, height
     rng = np.random.default_rng(5)
     texture = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     for i in range(count):
-        picture = av.VideoFrame.from_ndarray(np.roll(texture, 2 * i, axis=1), format="bgr24")
+        picture = DecodedFrame.from_rgb(np.roll(texture, 2 * i, axis=1), ColourSpace("bt601")).to_av()
         picture.pts = i
         for packet in encoder.encode(picture):
             units.append(split_annexb(bytes(packet)))
@@ -230,6 +232,36 @@ def test_duplicates_and_sender_restarts() -> None:
     assert buffer.stats.resets == 1
 
 
+def test_a_stray_packet_far_ahead_is_dropped_without_stalling_the_stream() -> None:
+    # RFC 3550 A.1 probation: a jump counts only once the packet after it arrives next.
+    buffer = ReorderBuffer()
+    out = []
+    for p in numbered(10, 11, 1011, 12, 13, 14):
+        out += buffer.push(p, 0.0)
+    assert sequence_numbers(out) == [10, 11, 12, 13, 14]
+    assert buffer.held == 0 and buffer.stats.lost == 0 and buffer.stats.resets == 0
+    out = buffer.push(numbered(60000)[0], 2.0)  # a second stray, long after: the first one is written off
+    assert out == [] and buffer.stats.strays == 1
+    assert sequence_numbers(buffer.push(numbered(15)[0], 2.0)) == [15]
+
+
+def test_a_backward_sequence_jump_is_followed_after_two_packets() -> None:
+    buffer = ReorderBuffer()
+    out = []
+    for p in numbered(1000, 1001, 1002, 500, 501, 502):
+        out += buffer.push(p, 0.0)
+    assert sequence_numbers(out) == [1000, 1001, 1002, 500, 501, 502]
+    assert buffer.stats.resets == 1 and buffer.stats.late == 0
+
+
+def test_a_forward_jump_with_reordering_keeps_both_probation_packets() -> None:
+    buffer = ReorderBuffer()
+    out = []
+    for p in numbered(7, 8, 5000, 9, 5001, 5002):  # 9 was delayed past the jump
+        out += buffer.push(p, 0.0)
+    assert sequence_numbers(out) == [7, 8, 9, 5000, 5001, 5002]
+
+
 # -- SDP ----------------------------------------------------------------------------------
 
 FFMPEG_SDP = """v=0
@@ -319,7 +351,7 @@ def test_decoder_tags_idrs_and_decodes_without_holdback(stream: list[list[bytes]
         (frame,) = decoder.decode(unit, unit.timestamp)  # one picture out per access unit in
         assert frame.pts == 3600 * i and frame.time_base == Fraction(1, 90000)
         assert frame.is_keyframe == (i % 8 == 0)
-        assert frame.image.shape == (240, 320, 3)
+        assert frame.y.shape == (240, 320) and frame.u.shape == (120, 160)
 
 
 def test_decoder_starts_at_the_first_keyframe(stream: list[list[bytes]]) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from kfgan_daemon.errors import InputError, SdpError
 from kfgan_daemon.media import DecodedFrame, FileSink, FileSource
+from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.bitstream import split_annexb
 from kfgan_daemon.media.rtp import (
     H264Packetizer,
@@ -36,8 +37,10 @@ def picture(index: int) -> np.ndarray:
     return image
 
 
-def frame(index: int) -> DecodedFrame:
-    return DecodedFrame(picture(index), pts=index, time_base=Fraction(1, FPS), is_keyframe=False, index=index)
+def frame(index: int, colour: ColourSpace = ColourSpace("bt601")) -> DecodedFrame:
+    return DecodedFrame.from_rgb(
+        picture(index), colour, pts=index, time_base=Fraction(1, FPS), is_keyframe=False, index=index
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +107,22 @@ async def test_clip_over_rtp_arrives_decoded_and_tagged(clip: Path) -> None:
     ]
     assert sent_keyframes[0] and sum(sent_keyframes) >= 5, sent_keyframes  # GOP 12 over 60 frames
     for index, got in by_index.items():
-        assert got.image.shape == (HEIGHT, WIDTH, 3)
-        assert np.abs(got.image.astype(int) - originals[index].image).mean() < 8
+        assert got.y.shape == (HEIGHT, WIDTH) and got.colour == originals[index].colour
+        assert np.abs(got.y.astype(int) - originals[index].y).mean() < 4
+
+
+async def test_colour_tags_travel_in_the_parameter_sets() -> None:
+    space = ColourSpace("bt709", full_range=True)
+    async with RtpReceiver(local_description()) as receiver:
+        consumer = collecting(receiver, 5)
+        with RtpSender(*receiver.local_address, WIDTH, HEIGHT, FPS, gop=10, colour=space) as sender:
+            originals = [frame(i, space) for i in range(6)]
+            await send_all(sender, originals)
+            received = await consumer
+        assert receiver.colour == space
+    assert received and all(got.colour == space for got in received)
+    # The planes were encoded as they are: no conversion bias on the luma.
+    assert abs(np.mean([got.y.astype(int) - originals[got.pts // TICKS].y for got in received])) < 0.5
 
 
 async def test_requested_keyframe_is_sent_and_tagged() -> None:
@@ -149,7 +166,7 @@ def h264_access_units(count: int) -> list[list[bytes]]:
     encoder.options = {"tune": "zerolatency", "preset": "ultrafast", "bf": "0"}
     units = []
     for i in range(count):
-        picture_ = av.VideoFrame.from_ndarray(picture(i), format="bgr24")
+        picture_ = DecodedFrame.from_rgb(picture(i), ColourSpace("bt601")).to_av()
         picture_.pts = i
         units += [split_annexb(bytes(packet)) for packet in encoder.encode(picture_)]
     return units
@@ -262,7 +279,7 @@ async def test_ffmpeg_rtp_muxer_stream_is_received() -> None:
             video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
             video.options = {"g": "10", "keyint_min": "10", "sc_threshold": "0", "bf": "0", "tune": "zerolatency"}
             for i in range(30):
-                picture_ = av.VideoFrame.from_ndarray(picture(i), format="bgr24")
+                picture_ = DecodedFrame.from_rgb(picture(i), ColourSpace("bt601")).to_av()
                 picture_.pts, picture_.time_base = i, Fraction(1, FPS)
                 output.mux(video.encode(picture_))
                 await asyncio.sleep(0.005)

@@ -16,12 +16,12 @@ from prometheus_client import CollectorRegistry
 
 from clips import write_synthetic_clip
 from kfgan_daemon.engine import EngineSettings, Outcome
-from kfgan_daemon.engine.pipe import EncoderOptions, PipeSummary, SentFrame, run_pipe
-from kfgan_daemon.engine.rtpclip import EncodedClip, RtpClipSender, encode_clip
 from kfgan_daemon.errors import ConfigError, InputError
 from kfgan_daemon.media.rtp import RtpReceiver
 from kfgan_daemon.model.lite import LiteGenerator
 from kfgan_daemon.restore import CropGenerator
+from kfgan_daemon.rtpapps.clipsender import EncodedClip, RtpClipSender, encode_clip
+from kfgan_daemon.rtpapps.pipe import EncoderOptions, PipeSummary, SentFrame, run_pipe
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,9 +121,14 @@ async def test_rtp_stream_through_the_pipe_comes_out_decodable_with_keyframes(
     # the output is real H.264 over RTP: an independent receiver decodes >= 95% of the frames, I-frames tagged
     assert len(frames) >= 0.95 * 50
     assert sum(frame.is_keyframe for frame in frames) >= 4
-    assert frames[0].image.shape == (240, 320, 3)
+    assert (frames[0].width, frames[0].height) == (320, 240)
     assert "m=video" in loop.output_sdp.read_text()
     assert summary.latency_p95_ms is not None and summary.latency_p95_ms < 500
+    # honest clocks: a frame's arrival is when its last packet came in (after the camera sent it),
+    # taken by the receiver before decoding, and the latency counts from there
+    sent_at = dict(zip(report.timestamps, report.sent_at))
+    for item in loop.sent:
+        assert sent_at[item.output.frame.pts] <= item.output.arrival == item.output.frame.arrival < item.sent_at
 
 
 # What ``ffmpeg -i out.sdp`` does, through PyAV in another process: FFmpeg's own RTP demuxer
@@ -297,7 +302,7 @@ async def test_pipe_restores_a_real_face(media_dir: Path, tmp_path: Path) -> Non
 
 
 async def test_live_bench_measures_latency_and_sustained_rate(tmp_path: Path) -> None:
-    from kfgan_daemon.engine.livebench import live_bench
+    from kfgan_daemon.rtpapps.livebench import live_bench
 
     clip = write_synthetic_clip(tmp_path / "bench.mp4", frames=25, width=320, height=240, gop=25)
     result = await live_bench(clip, identity_generator(), seconds=2.0, warmup=0.5, fps=FPS)
@@ -305,7 +310,22 @@ async def test_live_bench_measures_latency_and_sustained_rate(tmp_path: Path) ->
     assert (result.width, result.height, result.target_fps) == (320, 240, 25.0)
     assert 45 <= result.frames_sent <= 55
     assert result.frames_received >= 0.9 * result.frames_sent
-    assert result.frames_out == result.skipped + result.passthrough + result.restored
+    assert result.frames_out == (
+        result.restored + result.carried_forward + result.no_face + result.no_keyframe + result.shed + result.errors
+    )
+    assert result.load_average is not None
     assert result.latency_p50_ms is not None and 0 < result.latency_p50_ms <= result.latency_p95_ms < 1000
     assert 20 <= result.sustained_fps <= 30
     assert "total" in result.stage_ms and "prepare" in result.stage_ms
+
+
+async def test_live_bench_sends_two_cameras_through_one_engine(tmp_path: Path) -> None:
+    from kfgan_daemon.rtpapps.livebench import live_bench
+
+    clip = write_synthetic_clip(tmp_path / "bench.mp4", frames=25, width=320, height=240, gop=25)
+    result = await live_bench(clip, identity_generator(), seconds=1.5, warmup=0.5, fps=FPS, streams=2)
+    print("\n" + result.describe())
+    assert result.streams == 2
+    assert 2 * 34 <= result.frames_sent <= 2 * 41  # both cameras counted
+    assert result.frames_received >= 0.9 * result.frames_sent
+    assert 20 <= result.sustained_fps <= 30  # the slower of the two

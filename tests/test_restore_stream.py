@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kfgan_daemon.keyframes import KeyframeStore
+from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore import RestoreSettings, StreamRestorer
 
@@ -27,15 +28,21 @@ class ScriptedTracker:
 
     def __init__(self, script: list[np.ndarray | None]) -> None:
         self.script = list(script)
+        self.source: str | None = None
 
-    def update(self, image: np.ndarray) -> np.ndarray | None:
-        return self.script.pop(0)
+    def update(self, luma: np.ndarray) -> np.ndarray | None:
+        assert luma.ndim == 2, "the tracker is given the Y plane"
+        landmarks = self.script.pop(0)
+        self.source = None if landmarks is None else "followed"
+        return landmarks
 
 
 def _frame(index: int, keyframe: bool) -> DecodedFrame:
     rng = np.random.default_rng(index)
     image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    return DecodedFrame(image, index, Fraction(1, 25), keyframe, index)
+    return DecodedFrame.from_rgb(
+        image, ColourSpace("bt601"), pts=index, time_base=Fraction(1, 25), is_keyframe=keyframe, index=index
+    )
 
 
 def _restorer(script: list[np.ndarray | None], **settings: object) -> StreamRestorer:
@@ -76,10 +83,12 @@ def test_complete_pastes_the_crop_back_into_the_face_region_only() -> None:
     job = restorer.prepare(frame)
     gray = np.full((256, 256, 3), 128, np.uint8)
     out = restorer.complete(frame, job, gray)
-    changed = np.any(out.image != frame.image, axis=2)
+    changed = out.y != frame.y
     assert changed.any()
     ys, xs = np.nonzero(changed)
     assert xs.min() > 60 and xs.max() < 260  # around the face, not the whole frame
+    # Outside that neighbourhood every plane is the input's, bit for bit.
+    assert np.array_equal(out.y[:, :50], frame.y[:, :50]) and np.array_equal(out.u[:, :25], frame.u[:, :25])
     assert out.pts == frame.pts and out.is_keyframe and restorer.stats.restored == 1
 
 
@@ -109,3 +118,24 @@ def test_store_size_bounds_the_references(policy: str) -> None:
     for i in range(6):
         restorer.prepare(_frame(i, keyframe=True))
     assert len(restorer.store) == 3
+
+
+@pytest.mark.parametrize(("missing_frames", "cleared"), [(20, False), (60, True)])
+def test_a_face_gone_for_longer_than_the_set_time_empties_the_store(missing_frames: int, cleared: bool) -> None:
+    marks = _template_landmarks()
+    script = [marks] + [None] * missing_frames + [marks, marks]
+    # 1 s at 25 frames per second: 20 missing frames are within it, 60 are not.
+    restorer = _restorer(script, identity_check=False, identity_lost_seconds=1.0)
+    restorer.prepare(_frame(0, keyframe=True))
+    for index in range(1, missing_frames + 1):
+        assert restorer.prepare(_frame(index, keyframe=False)) is None
+    back = missing_frames + 1
+    job = restorer.prepare(_frame(back, keyframe=False))
+    if cleared:
+        # Whoever came back may be someone else: nothing of the earlier face is used.
+        assert job is None and len(restorer.store) == 0
+        assert restorer.store_epoch == 1 and restorer.stats.store_clears == 1
+        job = restorer.prepare(_frame(back + 1, keyframe=True))
+        assert job.key_id == back + 1 and job.store_epoch == 1
+    else:
+        assert job.key_id == 0 and job.store_epoch == 0 and restorer.stats.store_clears == 0

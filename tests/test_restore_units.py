@@ -23,11 +23,19 @@ def test_crop_tensor_conversion_is_rgb_unit_range_and_round_trips() -> None:
     crops = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(2)]
     tensor = crops_to_tensor(crops, torch.device("cpu"), torch.float32)
     assert tensor.shape == (2, 3, 256, 256)
-    # channel 0 of the tensor is red, i.e. the last BGR channel
-    np.testing.assert_allclose(tensor[1, 0].numpy(), crops[1][..., 2] / 255.0, atol=1e-7)
+    # crops are RGB, as the generator's tensors: channel 0 is red
+    np.testing.assert_allclose(tensor[1, 0].numpy(), crops[1][..., 0] / 255.0, atol=1e-7)
     back = tensor_to_crops(tensor)
     for original, restored in zip(crops, back):
         np.testing.assert_array_equal(original, restored)
+
+
+def test_crop_tensors_follow_the_published_convention(official_fixture) -> None:
+    """The published input: BGR crops / 255, then a channel flip. Our crops are RGB already."""
+    bgr = official_fixture["crop_compressed_target"]
+    published = torch.from_numpy(np.ascontiguousarray(bgr.astype(np.float32)[..., ::-1] / 255.0)).permute(2, 0, 1)[None]
+    ours = crops_to_tensor([np.ascontiguousarray(bgr[..., ::-1])], torch.device("cpu"), torch.float32)
+    assert torch.equal(ours, published)
 
 
 def test_tensor_to_crops_clamps_out_of_range_values() -> None:

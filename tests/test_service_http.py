@@ -47,7 +47,11 @@ async def metrics_text(daemon) -> str:
 
 
 async def post_offer(daemon, body, headers=AUTH) -> tuple[int, dict]:
-    kwargs = {"json": body} if not isinstance(body, (bytes, str)) else {"data": body}
+    if isinstance(body, (bytes, str)):
+        kwargs = {"data": body}
+        headers = {**headers, "Content-Type": "application/json"}
+    else:
+        kwargs = {"json": body}
     async with daemon.http.post(f"{daemon.url}/offer", headers=headers, **kwargs) as response:
         return response.status, await response.json()
 
@@ -59,11 +63,27 @@ async def test_probes_need_no_token_and_report_state(daemon) -> None:
         body = await response.json()
         assert response.status == 200 and body["status"] == "ready"
         assert body["model"]["architecture"] == "LiteGenerator" and body["model"]["device"] == "cpu"
+        assert body["model"]["path"] == "built in code"  # the test daemon's generator comes from no file
     text = await metrics_text(daemon)
     assert metric(text, "kfgan_ready") == 1
     assert metric(text, "kfgan_model_info", architecture="LiteGenerator") == 1
     # The engine's metrics are served on the same registry.
     assert "kfgan_engine_streams_open" in text
+
+
+async def test_readyz_names_the_model_file_it_loaded() -> None:
+    from kfgan_daemon.restore.model_choice import resolve_model_path
+    from kfgan_daemon.service.server import load_generator
+
+    started = await start_daemon(generator_factory=load_generator, token=TOKEN)
+    try:
+        async with started.http.get(f"{started.url}/readyz") as response:
+            body = await response.json()
+        assert response.status == 200
+        assert body["model"]["path"] == str(resolve_model_path(None).resolve())
+        assert body["model"]["path"].endswith(".safetensors")
+    finally:
+        await stop_daemon(started)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +139,8 @@ async def test_oversized_request_is_refused_with_413(daemon) -> None:
         for _ in range(40):
             yield b"x" * 1024
 
-    async with daemon.http.post(f"{daemon.url}/offer", headers=AUTH, data=chunks()) as response:
+    streamed = {**AUTH, "Content-Type": "application/json"}
+    async with daemon.http.post(f"{daemon.url}/offer", headers=streamed, data=chunks()) as response:
         assert response.status == 413
     text = await metrics_text(daemon)
     assert metric(text, "kfgan_http_request_errors_total", route="/offer", reason="too_large") == 2

@@ -9,6 +9,8 @@ import av
 import numpy as np
 import pytest
 
+from kfgan_daemon.media.colour import ColourSpace
+from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.service.metrics import ServiceMetrics
 from kfgan_daemon.service.vcam import VirtualCameraMirror
 from test_webrtc_loopback import ClientPeer, PatternTrack, start_daemon, stop_daemon, wait_for
@@ -30,7 +32,7 @@ class RecordingCamera:
 
     def write(self, frame) -> None:
         time.sleep(self.delay)
-        self.images.append(frame.image)
+        self.images.append(frame.luma)
 
     def close(self) -> None:
         self.closed = True
@@ -47,7 +49,9 @@ def camera(monkeypatch: pytest.MonkeyPatch):
 
 
 def picture(width: int, height: int, value: int) -> av.VideoFrame:
-    return av.VideoFrame.from_ndarray(np.full((height, width, 3), value, np.uint8), format="bgr24")
+    chroma = np.full((height // 2, width // 2), 128, np.uint8)
+    luma = np.full((height, width), value, np.uint8)
+    return DecodedFrame(luma, chroma, chroma.copy(), ColourSpace("bt601")).to_av()
 
 
 def track(stream_id: str):
@@ -69,13 +73,13 @@ def test_first_stream_owns_the_camera_until_its_session_ends(camera) -> None:
     mirror.offer(b, picture(64, 48, 20), None)  # not the owner: ignored
     settle(mirror)
     (device,) = camera.opened
-    assert [int(image[0, 0, 0]) for image in device.images] == [10]
+    assert [int(image[0, 0]) for image in device.images] == [10]
     assert (device.device, device.width, device.height, device.fps) == ("/dev/video10", 64, 48, 30)
 
     mirror.release_session(SimpleNamespace(tracks=[a]))
     mirror.offer(b, picture(64, 48, 30), None)
     settle(mirror)
-    assert mirror.owner == "s2-v1" and int(device.images[-1][0, 0, 0]) == 30
+    assert mirror.owner == "s2-v1" and int(device.images[-1][0, 0]) == 30
 
     mirror.offer(b, picture(80, 60, 40), None)  # the sender changed resolution: reopen at the new size
     settle(mirror)

@@ -1,4 +1,4 @@
-"""Dataset builder: sampling and split logic, and real samples cut from a real clip."""
+"""Dataset builder: split by person, and real samples cut from real clips through the faithful path."""
 from __future__ import annotations
 
 import shutil
@@ -21,31 +21,31 @@ def test_sampling_is_every_fifth_frame_from_the_fifth() -> None:
         ds.sample_indices(10, every=0)
 
 
-def test_explicit_validation_videos_are_held_out_whole() -> None:
-    train, validation = ds.split_videos(["d0", "d12", "s32", "d3"], validation=["d12", "s32"])
-    assert train == ["d0", "d3"] and validation == ["d12", "s32"]
-    with pytest.raises(ConfigError, match="not found"):
-        ds.split_videos(["d0"], validation=["d9"])
-
-
-def test_automatic_split_is_seeded_disjoint_and_never_empty() -> None:
-    names = [f"v{i}" for i in range(11)]
-    train, validation = ds.split_videos(names, validation_fraction=0.2, seed=1)
-    assert len(validation) == 3 and not set(train) & set(validation) and set(train) | set(validation) == set(names)
-    assert ds.split_videos(names, validation_fraction=0.2, seed=1) == (train, validation)
-    assert ds.split_videos(["a", "b"], validation_fraction=0.1)[1] != []
-    assert ds.split_videos(["only"], validation_fraction=0.5) == (["only"], [])
-    with pytest.raises(ConfigError, match="duplicate"):
-        ds.split_videos(["a", "a"])
+def test_a_person_goes_to_one_split_with_all_their_videos() -> None:
+    videos = ["obama1", "obama2", "d0", "d3", "s18", "s32"]
+    persons = {"obama": ["obama1", "obama2"], "wide": ["s18", "s32"]}
+    splits = ds.split_by_person(videos, persons, validation=["obama"], test=["wide", "d3"])
+    assert splits == {
+        "obama1": "validation", "obama2": "validation", "d0": "train", "d3": "test", "s18": "test", "s32": "test",
+    }
+    assert ds.person_of(videos, persons)["obama2"] == "obama"
+    with pytest.raises(ConfigError, match="both validation and test"):
+        ds.split_by_person(videos, persons, validation=["d0"], test=["d0"])
+    with pytest.raises(ConfigError, match="persons not found"):
+        ds.split_by_person(videos, persons, validation=["s18"], test=[])  # s18 belongs to "wide"
+    with pytest.raises(ConfigError, match="listed for both"):
+        ds.person_of(videos, {"a": ["d0"], "b": ["d0"]})
+    with pytest.raises(ConfigError, match="not found among the inputs"):
+        ds.person_of(videos, {"a": ["d99"]})
 
 
 def test_options_are_checked() -> None:
     with pytest.raises(ConfigError, match="crf"):
         ds.BuildOptions(crfs=(60,)).check()
-    with pytest.raises(ConfigError, match="reference_mode"):
-        ds.BuildOptions(reference_mode="best").check()  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="keyint"):
         ds.BuildOptions(keyint_seconds=0).check()
+    with pytest.raises(ConfigError, match="reference mode"):
+        ds.reference_key("best")
 
 
 def test_missing_inputs_are_named(tmp_path: Path) -> None:
@@ -57,111 +57,163 @@ def test_missing_inputs_are_named(tmp_path: Path) -> None:
         ds.DatasetManifest.read(tmp_path)
 
 
+def test_the_shipped_split_holds_out_persons_never_trained_on() -> None:
+    from kfgan_daemon.train.config import load_config
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "guided.toml")
+    spec = config.dataset
+    assert len(spec.test) >= 6 and not set(spec.test) & set(spec.validation)
+    held = {v for p in spec.test for v in spec.persons.get(p, [p])}
+    assert {"s18", "s32"} <= held and any(v.startswith("d") and v[1:].isdigit() for v in held)
+
+
 # -- real clips ------------------------------------------------------------------------------
 
-FRAMES = 40  # two keyframes at 30 fps with a one-second interval; samples 5, 10, ..., 35
+FRAMES = 40  # I-frames at 0 and 25 (25 fps, one a second); samples 5, 10, ..., 35
+# Two videos of one person (MEAD) train, a third person validates, a fourth is held out.
+CLIPS = ("eamm_MEAD_fear", "eamm_MEAD_surprised", "dpe_s", "styletalk_style_nice_clip1")
+OPTIONS = ds.BuildOptions(
+    crfs=(42,),
+    persons={"mead": ["eamm_MEAD_fear", "eamm_MEAD_surprised"]},
+    validation=("dpe_s",),
+    test=("styletalk_style_nice_clip1",),
+    preset="veryfast",
+    max_frames=FRAMES,
+)
 
 
 @pytest.fixture(scope="module")
 def clips(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("clips")
-    for name in ("d18", "d11"):
+    for name in CLIPS:
         if not (media_dir / f"{name}.mp4").is_file():
             pytest.skip(f"{name}.mp4 not in {media_dir}")
         shutil.copy(media_dir / f"{name}.mp4", folder)
     return folder
 
 
-def _build(clips: Path, out: Path, mode: str) -> ds.DatasetManifest:
-    return ds.build_dataset(
-        clips, out, crfs=[42], reference_mode=mode, validation=["d11"], preset="veryfast",
-        max_frames=FRAMES, progress=False,
-    )
-
-
 @pytest.fixture(scope="module")
-def hq(clips: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("hq")
-    _build(clips, out, "hq")
+def built(clips: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("built")
+    ds.build_dataset(clips, out, OPTIONS, keep_encoded=True, progress=False)
     return out
 
 
+def _samples(built: Path, video: str) -> dict[str, np.ndarray]:
+    with np.load(built / ds.sample_file_name(video, 42)) as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
 @pytest.mark.slow
-def test_split_by_video_in_the_manifest(hq: Path) -> None:
-    manifest = ds.DatasetManifest.read(hq)
-    assert manifest.train == ["d18"] and manifest.validation == ["d11"]
-    assert manifest.files_of("train") == ["d18_crf42_hq.npz"]
-    assert manifest.files_of("validation") == ["d11_crf42_hq.npz"]
-    info = manifest.files["d18_crf42_hq.npz"]
+def test_split_by_person_in_the_manifest(built: Path) -> None:
+    manifest = ds.DatasetManifest.read(built)
+    assert manifest.videos_of("train") == ["eamm_MEAD_fear", "eamm_MEAD_surprised"]
+    assert manifest.videos_of("validation") == ["dpe_s"]
+    assert manifest.videos_of("test") == ["styletalk_style_nice_clip1"]
+    assert manifest.persons["eamm_MEAD_surprised"] == "mead" and manifest.persons["dpe_s"] == "dpe_s"
+    # Held-out persons get no samples at all: they are measured end to end by eval.
+    assert sorted(manifest.files) == ["dpe_s_crf42.npz", "eamm_MEAD_fear_crf42.npz", "eamm_MEAD_surprised_crf42.npz"]
+    info = manifest.files["eamm_MEAD_fear_crf42.npz"]
     assert info["frames"] == FRAMES and info["keyframes"] >= 2 and info["samples"] == 7
 
 
 @pytest.mark.slow
-def test_crops_and_landmarks_agree(hq: Path) -> None:
-    from kfgan_daemon.face import alignment_matrix, landmark_image
+def test_the_degraded_stream_is_encoded_from_the_originals_own_planes(clips: Path, tmp_path: Path) -> None:
+    from kfgan_daemon.media import FileSource
 
-    with np.load(hq / "d18_crf42_hq.npz") as arrays:
-        samples = {k: arrays[k] for k in arrays.files}
+    # Lossless x264 returns exactly the planes it was given: any colour round trip on
+    # the way in would show up as changed levels.
+    lossless = tmp_path / "lossless.mp4"
+    ds.encode_degraded(clips / "dpe_s.mp4", lossless, crf=0, keyint_seconds=1.0, preset="ultrafast", max_frames=10)
+    with FileSource(clips / "dpe_s.mp4") as original, FileSource(lossless) as encoded:
+        pairs = list(zip(original, encoded, strict=False))[:10]
+    assert len(pairs) == 10 and all(a.same_pixels(b) for a, b in pairs)
+
+
+@pytest.mark.slow
+def test_crops_are_the_colour_modules_conversion_of_the_decoded_planes(clips: Path, built: Path) -> None:
+    import cv2
+
+    from kfgan_daemon.face import align_frame
+    from kfgan_daemon.media import FileSource
+    from kfgan_daemon.media.colour import yuv_to_rgb
+
+    samples = _samples(built, "eamm_MEAD_fear")
     assert list(samples[ds.FRAME_INDEX]) == ds.sample_indices(FRAMES)
-    for i in range(len(samples[ds.FRAME_INDEX])):
-        frame_points = samples[ds.FRAME_LANDMARKS][i]
-        matrix = samples[ds.MATRIX][i]
-        assert np.allclose(matrix, alignment_matrix(frame_points))
-        crop_points = samples[ds.CROP_LANDMARKS][i]
-        expected = np.rint(frame_points @ matrix[:, :2].T + matrix[:, 2])
-        assert np.array_equal(crop_points, expected)
-        # Aligned: the eye centres sit where the published alignment puts them (the
-        # -180 degree turn puts the subject's left eye, 42-47, on the image's right).
-        assert np.allclose(crop_points[36:42].mean(axis=0), (0.38 * 256, 0.45 * 256), atol=3)
-        assert np.allclose(crop_points[42:48].mean(axis=0), (0.62 * 256, 0.45 * 256), atol=3)
-        marks = landmark_image(crop_points)
-        inside = crop_points[(crop_points >= 0).all(axis=1) & (crop_points < 256).all(axis=1)]
-        assert (marks[inside[:, 1], inside[:, 0]] == 255).all()
-        # Input and ground truth are the same face through the same matrix.
-        error = np.abs(samples[ds.COMPRESSED][i].astype(float) - samples[ds.TARGET][i]).mean()
-        assert error < 8.0
+    wanted = {int(i): n for n, i in enumerate(samples[ds.FRAME_INDEX])}
+    encoded = built / "encoded" / ds.encoded_file_name("eamm_MEAD_fear", 42)
+    with FileSource(clips / "eamm_MEAD_fear.mp4") as original, FileSource(encoded) as degraded:
+        for index, (hq, lq) in enumerate(zip(original, degraded, strict=False)):
+            if index not in wanted:
+                continue
+            n = wanted[index]
+            landmarks = samples[ds.FRAME_LANDMARKS][n]
+            # The restorer's crop of the decoded frame, bit for bit ...
+            received = align_frame(lq, landmarks)
+            assert np.array_equal(samples[ds.COMPRESSED][n], received.crop)
+            assert np.array_equal(samples[ds.TARGET][n], align_frame(hq, landmarks).crop)
+            assert np.array_equal(samples[ds.MATRIX][n], received.matrix)
+            assert np.array_equal(samples[ds.CROP_LANDMARKS][n], received.crop_landmarks)
+            # ... which is the colour module's RGB of the decoded planes, warped (converting
+            # only the crop's footprint changes at most a rounding step).
+            for frame, stored in ((lq, samples[ds.COMPRESSED][n]), (hq, samples[ds.TARGET][n])):
+                whole = yuv_to_rgb(frame.y, frame.u, frame.v, frame.colour)
+                crop = cv2.warpAffine(whole, received.matrix, (256, 256), flags=cv2.INTER_CUBIC)
+                assert np.abs(crop.astype(int) - stored).max() <= 1
+    assert len(wanted) == 7
 
 
 @pytest.mark.slow
-def test_hq_references_come_from_the_original_video(hq: Path) -> None:
-    with np.load(hq / "d18_crf42_hq.npz") as arrays:
-        frame, key = arrays[ds.FRAME_INDEX], arrays[ds.KEY_INDEX]
-        reference, target, compressed = arrays[ds.REFERENCE], arrays[ds.TARGET], arrays[ds.COMPRESSED]
-    assert set(key) <= {0, 30} and (key <= frame).all()
-    at_keyframe = np.flatnonzero(frame == key)
-    assert len(at_keyframe) == 1  # frame 30 is both a sample and an I-frame
-    i = int(at_keyframe[0])
-    # The keyframe warped onto its own landmarks is the original crop itself.
-    assert np.abs(reference[i].astype(float) - target[i]).mean() < 0.5
+def test_both_reference_modes_come_from_the_same_keyframe(built: Path) -> None:
+    samples = _samples(built, "eamm_MEAD_fear")
+    frame, key = samples[ds.FRAME_INDEX], samples[ds.KEY_INDEX]
+    hq, stream = samples[ds.REFERENCE_HQ], samples[ds.REFERENCE_STREAM]
+    target, compressed = samples[ds.TARGET], samples[ds.COMPRESSED]
+    assert set(key) <= {0, 25} and (key <= frame).all()
+    on_key = np.flatnonzero(frame == key)
+    assert list(frame[on_key]) == [25]
+    i = int(on_key[0])
+    # The keyframe warped onto its own landmarks is its own crop: the original's for hq,
+    # the decoded one for stream.
+    assert np.array_equal(hq[i], target[i]) and np.array_equal(stream[i], compressed[i])
     assert np.abs(compressed[i].astype(float) - target[i]).mean() > 1.0
+    others = frame != key
+    stream_error = np.abs(stream[others].astype(float) - target[others]).mean()
+    hq_error = np.abs(hq[others].astype(float) - target[others]).mean()
+    assert stream_error > hq_error
 
 
 @pytest.mark.slow
-def test_stream_references_are_the_decoded_keyframes(clips: Path, hq: Path, tmp_path: Path) -> None:
-    only_one = tmp_path / "clips"
-    only_one.mkdir()
-    shutil.copy(clips / "d18.mp4", only_one)
-    manifest = ds.build_dataset(
-        only_one, tmp_path / "stream", crfs=[42], reference_mode="stream", validation_fraction=0.0,
-        preset="veryfast", max_frames=FRAMES, progress=False,
-    )
-    assert list(manifest.files) == ["d18_crf42_stream.npz"]
-    with np.load(tmp_path / "stream" / "d18_crf42_stream.npz") as stream, np.load(hq / "d18_crf42_hq.npz") as high:
-        i = int(np.flatnonzero(stream[ds.FRAME_INDEX] == stream[ds.KEY_INDEX])[0])
-        assert np.array_equal(stream[ds.COMPRESSED], high[ds.COMPRESSED])
-        assert np.array_equal(stream[ds.TARGET], high[ds.TARGET])
-        assert np.abs(stream[ds.REFERENCE][i].astype(float) - stream[ds.COMPRESSED][i]).mean() < 0.5
-        # Elsewhere the stream reference is a CRF 42 picture: further from the truth than the hq one.
-        others = stream[ds.FRAME_INDEX] != stream[ds.KEY_INDEX]
-        stream_error = np.abs(stream[ds.REFERENCE][others].astype(float) - stream[ds.TARGET][others]).mean()
-        hq_error = np.abs(high[ds.REFERENCE][others].astype(float) - high[ds.TARGET][others]).mean()
-        assert stream_error > hq_error
+def test_sample_set_draws_each_mode_and_clean_keyframes(built: Path) -> None:
+    from kfgan_daemon.train.samples import SampleSet
+
+    both = SampleSet(built, "train", ("hq", "stream"), exclude_self_reference=True, clean_keyframes=True)
+    rows = 14  # two videos, 7 samples each, one of them on an I-frame
+    assert both.modes.count("stream") == rows and both.modes.count("hq") == rows - 2 and both.modes.count("clean") == 2
+    assert set(both.videos) == {"eamm_MEAD_fear", "eamm_MEAD_surprised"}
+    clean = both.modes.index("clean")
+    compressed, reference, _, target = both.images(clean)
+    assert np.array_equal(compressed, target) and np.array_equal(reference, target)
+    stream_only = SampleSet(built, "validation", ("stream",))
+    assert set(stream_only.modes) == {"stream"} and set(stream_only.videos) == {"dpe_s"}
 
 
 @pytest.mark.slow
-def test_an_interrupted_build_keeps_finished_files(clips: Path, hq: Path, tmp_path: Path) -> None:
+def test_an_interrupted_build_keeps_finished_files(clips: Path, built: Path, tmp_path: Path) -> None:
     out = tmp_path / "again"
-    shutil.copytree(hq, out)
-    before = (out / "d18_crf42_hq.npz").stat().st_mtime_ns
-    _build(clips, out, "hq")
-    assert (out / "d18_crf42_hq.npz").stat().st_mtime_ns == before
+    shutil.copytree(built, out)
+    before = (out / "dpe_s_crf42.npz").stat().st_mtime_ns
+    ds.build_dataset(clips, out, OPTIONS, progress=False)
+    assert (out / "dpe_s_crf42.npz").stat().st_mtime_ns == before
+
+
+def test_the_build_command_refuses_a_config_without_held_out_persons(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kfgan_daemon.cli import app
+
+    config = tmp_path / "no-split.toml"
+    config.write_text(f'[dataset]\nvideos = "{tmp_path}"\nvalidation = ["a"]\n\n[data]\ndir = "{tmp_path / "out"}"\n')
+    result = CliRunner().invoke(app, ["dataset", "build", "--config", str(config)])
+    assert isinstance(result.exception, ConfigError) and "dataset.test" in str(result.exception)
+    assert not (tmp_path / "out").exists()

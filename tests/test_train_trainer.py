@@ -28,10 +28,11 @@ def _synthetic_video(rng: np.random.Generator, count: int) -> dict[str, np.ndarr
     frame_index = np.arange(5, 5 + 5 * count, 5, dtype=np.int32)
     return {
         ds.COMPRESSED: compressed,
-        ds.REFERENCE: reference,
+        ds.REFERENCE_HQ: reference,
+        ds.REFERENCE_STREAM: np.roll(compressed, 2, axis=2),
         ds.TARGET: target,
         ds.CROP_LANDMARKS: landmarks,
-        ds.FRAME_LANDMARKS: landmarks.astype(np.float32),
+        ds.FRAME_LANDMARKS: landmarks.astype(np.float64),
         ds.MATRIX: np.tile(np.eye(2, 3), (count, 1, 1)),
         ds.FRAME_INDEX: frame_index,
         ds.KEY_INDEX: np.zeros(count, dtype=np.int32),
@@ -41,12 +42,9 @@ def _synthetic_video(rng: np.random.Generator, count: int) -> dict[str, np.ndarr
 def write_synthetic_dataset(out: Path, videos: dict[str, str], count: int = 6, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = ds.DatasetManifest(
-        options={}, train=[v for v, s in videos.items() if s == "train"],
-        validation=[v for v, s in videos.items() if s == "validation"],
-    )
+    manifest = ds.DatasetManifest(options={}, splits=dict(videos))
     for video, split in videos.items():
-        name = ds.sample_file_name(video, 42, "hq")
+        name = ds.sample_file_name(video, 42)
         np.savez(out / name, **_synthetic_video(rng, count))
         manifest.files[name] = {"video": video, "crf": 42, "split": split, "samples": count}
     manifest.write(out)
@@ -153,7 +151,32 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml")
 
 
+def test_guided_trains_on_both_reference_modes_and_validates_each(tmp_path: Path) -> None:
+    raw = _config(
+        tmp_path,
+        model={"variant": "guided", "config": {"fine": 8, "coarse": 16, "blocks": 1, "fine_blocks": 0, "key_channels": 8}},
+        data={"reference_modes": ["hq", "stream"], "clean_keyframes": True},
+    )
+    # The first sample of video "a" sits on its own I-frame.
+    path = Path(raw["data"]["dir"]) / ds.sample_file_name("a", 42)
+    with np.load(path) as arrays:
+        samples = {k: arrays[k] for k in arrays.files}
+    samples[ds.KEY_INDEX][0] = samples[ds.FRAME_INDEX][0]
+    np.savez(path, **samples)
+    trainer = Trainer(parse_config(raw))
+    modes = trainer.train_samples.modes
+    # 8 rows: 8 stream samples, 7 hq ones (not the self-referenced), 1 clean one.
+    assert (modes.count("stream"), modes.count("hq"), modes.count("clean")) == (8, 7, 1)
+    before = trainer.train_step(trainer.batches.batch(0))["loss"]
+    assert np.isfinite(before)
+    scores = trainer.validate()
+    assert {"val_psnr_mode_hq", "val_psnr_mode_stream", "val_psnr_noref_mode_hq", "val_psnr_c"} <= set(scores)
+
+
 def test_shipped_configs_are_valid() -> None:
+    guided = load_config(ROOT / "configs" / "guided.toml")
+    assert guided.model.variant == "guided" and guided.data.reference_modes == ["hq", "stream"]
+    assert guided.run.threads == 1 and not guided.loss.needs_vgg
     lite = load_config(ROOT / "configs" / "lite.toml")
     assert lite.model.variant == "lite" and not lite.loss.needs_vgg
     full = load_config(ROOT / "configs" / "full.toml")

@@ -11,7 +11,8 @@ from aiortc.codecs.vpx import Vp8Decoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from kfgan_daemon.media.conversion import is_intra_picture
+from kfgan_daemon.media.colour import ColourSpace
+from kfgan_daemon.media.frame import DecodedFrame, is_intra_picture
 from kfgan_daemon.webrtc import keyframe_flag
 from kfgan_daemon.webrtc.keyframe_flag import KeyframeTaggingDecoder, encoded_is_keyframe
 
@@ -36,7 +37,7 @@ def encoded_clip(codec: str) -> list[tuple[bytes, bool]]:
     base = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
     for index in range(FRAMES):
         image = np.roll(base, 3 * index, axis=1)  # motion, so that P-frames are cheaper than I-frames
-        frame = av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
+        frame = DecodedFrame.from_rgb(image, ColourSpace("bt601")).to_av()
         frame.pts = index
         packets += [(bytes(packet), packet.is_keyframe) for packet in encoder.encode(frame)]
     packets += [(bytes(packet), packet.is_keyframe) for packet in encoder.encode(None)]

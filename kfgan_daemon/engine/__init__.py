@@ -6,10 +6,13 @@ Public API (stable; the service, WebRTC and pipe code build on it)::
 
     engine = StreamEngine(generator, EngineSettings(), registry=None)   # generator: CropGenerator
     await engine.start()
+    await engine.warm_up(restore_settings)         # face models for every face thread, before calls are live
     stream = engine.open_stream(stream_id=None, policy="passthrough" | "drop", realtime=True,
                                 restore_settings=None, restorer=None)   # -> LiveStream
-    await stream.submit(frame, arrival=None)       # DecodedFrame; arrival: time.monotonic() of receipt
+    await stream.submit(frame, arrival=None)       # DecodedFrame; arrival defaults to frame.arrival (last packet)
     async for out in stream.results(): ...         # StreamOutput(frame, outcome, arrival, emitted), in order
+                                                   # outcome: restored | carried_forward | no_face | no_keyframe
+                                                   #          | shed | error
     out = await stream.next_output()               # one at a time; StreamClosedError at the end
     stream.needs_keyframe                          # bool, for RTCP PLI
     stream.info() / engine.stream_infos()          # StreamInfo snapshots (.to_dict() for JSON)
@@ -18,9 +21,12 @@ Public API (stable; the service, WebRTC and pipe code build on it)::
     await engine.stop()                            # drains every stream, stops the worker
     engine.metrics.registry                        # prometheus_client registry with every engine metric
 
-Real-time streams keep the added latency under ``EngineSettings.max_latency``
-by sending late frames unrestored (``passthrough``) or not at all (``drop``);
-I-frames reach the keyframe store either way. Non-real-time streams (files)
+Real-time streams keep the added latency under ``EngineSettings.max_latency``.
+A frame that cannot be restored in time gets the last restored correction
+carried forward, moved with its face; with nothing to carry it is sent
+unrestored ("shed", policy ``passthrough``) or not at all (policy ``drop``).
+I-frames reach the keyframe store either way. A stream's restorer is built on
+a worker thread: opening a stream never blocks the event loop. Non-real-time streams (files)
 restore every frame with backpressure. ``run_async(coro)`` runs a coroutine on
 uvloop when it is installed.
 """

@@ -6,6 +6,7 @@ import itertools
 import logging
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kfgan_daemon.engine.inference import BatchGenerator, InferenceWorker
@@ -56,6 +57,7 @@ class StreamEngine:
         self._streams: dict[str, LiveStream] = {}
         self._worker: InferenceWorker | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._paste_executor: ThreadPoolExecutor | None = None
         self._ids = itertools.count(1)
         self._started = False
 
@@ -67,6 +69,7 @@ class StreamEngine:
             return
         self._limit_cpu_inference_threads()
         self._executor = ThreadPoolExecutor(max_workers=self.settings.cpu_threads, thread_name_prefix="kfgan-cpu")
+        self._paste_executor = ThreadPoolExecutor(max_workers=self.settings.cpu_threads, thread_name_prefix="kfgan-paste")
         self._worker = InferenceWorker(
             self.generator,
             device=self.device,
@@ -79,6 +82,19 @@ class StreamEngine:
         self._worker.start()
         self._started = True
 
+    async def warm_up(self, restore_settings: "RestoreSettings | None" = None) -> None:
+        """Load the face models streams will use, one detector per face thread, on a worker thread.
+
+        dlib holds the GIL while it builds a detector or reads the shape predictor,
+        stalling every thread for up to a second or two on a busy machine: call this
+        before the first stream is live (a pipe before it listens, a service before
+        it reports ready). Otherwise the first stream opened pays it.
+        """
+        if not self._started:
+            raise EngineError("the engine is not started; await engine.start() first")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, _warm_face_models, restore_settings, self.settings.cpu_threads)
+
     async def stop(self, drain: bool = True, timeout: float | None = 10.0) -> None:
         """Close every stream (draining what was submitted, up to ``timeout`` seconds each), then stop."""
         if not self._started:
@@ -88,8 +104,14 @@ class StreamEngine:
         assert self._worker is not None and self._executor is not None
         await self._worker.stop()
         # A face step may still be running (abandoned frames); wait for it off the loop.
-        executor = self._executor
-        await asyncio.get_running_loop().run_in_executor(None, lambda: executor.shutdown(wait=True, cancel_futures=True))
+        executors = [self._executor, self._paste_executor]
+
+        def shut_down() -> None:
+            for executor in executors:
+                if executor is not None:
+                    executor.shutdown(wait=True, cancel_futures=True)
+
+        await asyncio.get_running_loop().run_in_executor(None, shut_down)
         self._started = False
 
     @property
@@ -127,7 +149,10 @@ class StreamEngine:
 
         ``stream_id`` defaults to ``stream-N``. A new
         :class:`~kfgan_daemon.restore.StreamRestorer` is made from
-        ``restore_settings`` unless ``restorer`` is given. Raises
+        ``restore_settings`` unless ``restorer`` is given, on a worker thread:
+        the first one imports the restoration code and loads the face models
+        (unless :meth:`warm_up` did), seconds that must not stall the loop;
+        later ones take the models from the process-wide cache. Raises
         :class:`EngineError` if the engine is not started, the id is in use,
         the policy is unknown or ``settings.max_streams`` streams are open.
         """
@@ -142,14 +167,10 @@ class StreamEngine:
         limit = self.settings.max_streams
         if limit is not None and len(self._streams) >= limit:
             raise EngineError(f"{limit} streams are open already (max_streams)")
-        if restorer is None:
-            from kfgan_daemon.restore import StreamRestorer
-
-            restorer = StreamRestorer(restore_settings)
         assert self._worker is not None and self._executor is not None
         stream = LiveStream(
             stream_id,
-            restorer,
+            restorer if restorer is not None else partial(_build_restorer, restore_settings, self.settings.cpu_threads),
             self._worker,
             self._executor,
             self.settings,
@@ -157,6 +178,7 @@ class StreamEngine:
             policy=policy,
             realtime=realtime,
             on_closed=self._forget,
+            paste_executor=self._paste_executor,
         )
         self._streams[stream_id] = stream
         self.metrics.streams_open.set(len(self._streams))
@@ -203,6 +225,30 @@ class StreamEngine:
         self.metrics.forget_stream(stream.id)
         self.metrics.streams_open.set(len(self._streams))
         log.info("stream %s closed: %s", stream.id, stream.stats)
+
+
+def _warm_face_models(settings: "RestoreSettings | None", face_threads: int) -> None:
+    from kfgan_daemon.face.models import warm_face_models
+    from kfgan_daemon.restore import RestoreSettings
+
+    settings = settings or RestoreSettings()
+    warm_face_models(
+        settings.detector,
+        face_threads,
+        predictor_path=settings.predictor_path,
+        detector_path=settings.detector_path,
+        recognizer_path=settings.descriptor_path,
+        recognizer=settings.identity_check,
+    )
+
+
+def _build_restorer(settings: "RestoreSettings | None", face_threads: int) -> FrameRestorer:
+    """A stream's restorer, with the process's face models warmed for ``face_threads`` threads
+    (a no-op once done; see :meth:`StreamEngine.warm_up`)."""
+    from kfgan_daemon.restore import StreamRestorer
+
+    _warm_face_models(settings, face_threads)
+    return StreamRestorer(settings)
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:

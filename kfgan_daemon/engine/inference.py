@@ -1,4 +1,13 @@
-"""One inference worker per device: batches face jobs from every live stream into generator calls."""
+"""One inference worker per device: batches face jobs from every live stream into generator calls.
+
+The worker is supervised: an exception while running one batch fails that
+batch's jobs only (their frames go out unrestored and are counted), and a
+worker task that ends any other way than through :meth:`InferenceWorker.stop`
+is logged, counted and restarted after a short, growing delay. While it is
+down, :attr:`InferenceWorker.running` is false (the service's ``/readyz``
+reports not-ready) and submitted jobs wait in the queue for the new worker or
+their deadline, whichever comes first.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -15,18 +24,28 @@ import numpy as np
 from kfgan_daemon.engine.estimate import ServiceTime
 from kfgan_daemon.engine.metrics import EngineMetrics
 from kfgan_daemon.errors import EngineError
+from kfgan_daemon.logthrottle import ThrottledLog
 
 if TYPE_CHECKING:
     from kfgan_daemon.restore.job import FaceJob
 
 log = logging.getLogger(__name__)
+throttled = ThrottledLog(log)
+
+# Restart delays of a worker that keeps dying: doubling from the first to the
+# last; a worker that ran longer than _STABLE_RUN since its start counts as healthy again.
+RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+_STABLE_RUN = 10.0
 
 # A CropGenerator, or anything that maps a list of FaceJobs to as many restored crops.
 BatchGenerator = Callable[[Sequence[Any]], list[np.ndarray]]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Request:
+    """One queued job. Compared by identity: field by field would compare FaceJobs' numpy arrays, which raises."""
+
     job: FaceJob
     stream_id: str
     deadline: float | None  # time.monotonic(); None for streams that process every frame
@@ -64,6 +83,7 @@ class InferenceWorker:
         metrics: EngineMetrics | None = None,
         open_streams: Callable[[], int] = lambda: 1,
         history: int = 256,
+        restart_delay: float = RESTART_DELAY,
     ) -> None:
         self.generator = generator
         self.device = device
@@ -71,6 +91,7 @@ class InferenceWorker:
         self.max_wait = max_wait
         self.queue_size = queue_size
         self.metrics = metrics or EngineMetrics()
+        self.restart_delay = restart_delay
         self._open_streams = open_streams
         self._queue: deque[_Request] = deque()
         self._arrived = asyncio.Event()
@@ -78,42 +99,100 @@ class InferenceWorker:
         self._space.set()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        self._restart: asyncio.TimerHandle | None = None
+        self._started_at = 0.0
+        self._next_delay = restart_delay
+        self._current: list[_Request] = []  # the batch being worked on, failed if the worker dies under it
         self._stopping = False
         self.batches = 0
         self.jobs = 0
         self.multi_stream_batches = 0
+        self.failed_batches = 0
+        self.restarts = 0
         self.recent: deque[BatchRecord] = deque(maxlen=history)
         self.service_time = ServiceTime()
         self._busy_until = 0.0
 
     @property
     def running(self) -> bool:
+        """True while a worker task is alive to take jobs (false while a dead one waits to be restarted)."""
         return self._task is not None and not self._task.done()
+
+    @property
+    def started(self) -> bool:
+        """True from :meth:`start` to :meth:`stop`, restarts included."""
+        return self._executor is not None and not self._stopping
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
     def start(self) -> None:
-        if self.running:
+        if self.started:
             return
         self._stopping = False
+        self._next_delay = self.restart_delay
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kfgan-infer-{self.device}")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kfgan-inference-{self.device}")
+        self._spawn()
 
     async def stop(self) -> None:
         """Finish the jobs already queued, then stop."""
-        if self._task is None:
+        if self._executor is None:
             return
         self._stopping = True
         self._arrived.set()
+        self._space.set()  # submitters waiting for room learn that the worker is gone
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
         try:
-            await self._task
+            if self._task is not None:
+                await asyncio.gather(self._task, return_exceptions=True)
         finally:
             self._task = None
-            if self._executor is not None:
-                self._executor.shutdown(wait=False)
-                self._executor = None
+            for request in self._queue:
+                _fail(request.future, EngineError("the inference worker stopped"))
+            self._queue.clear()
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            self.metrics.inference_up.labels(self.device).set(0)
+
+    # ---- supervision --------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self._restart = None
+        if self._stopping or self._executor is None:
+            return
+        self._started_at = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kfgan-inference-{self.device}")
+        self._task.add_done_callback(self._ended)
+        self.metrics.inference_up.labels(self.device).set(1)
+        if self._queue:
+            self._arrived.set()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping:
+            return
+        self.metrics.inference_up.labels(self.device).set(0)
+        self.restarts += 1
+        self.metrics.inference_restarts.labels(self.device).inc()
+        cause = "was cancelled" if task.cancelled() else f"failed: {task.exception()!r}"
+        error = EngineError(f"the inference worker {cause}")
+        for request in self._current:
+            _fail(request.future, error)
+        self._current = []
+        self._busy_until = 0.0
+        if time.monotonic() - self._started_at > _STABLE_RUN:
+            self._next_delay = self.restart_delay
+        delay, self._next_delay = self._next_delay, min(MAX_RESTART_DELAY, 2 * self._next_delay)
+        log.error(
+            "inference worker on %s %s; restarting it in %.1f s (restart %d)",
+            self.device, cause, delay, self.restarts,
+            exc_info=None if task.cancelled() else task.exception(),
+        )
+        self._restart = asyncio.get_running_loop().call_later(delay, self._spawn)
+
+    # ---- jobs -----------------------------------------------------------------------
 
     def expected_finish(self, now: float) -> float:
         """When a job submitted now would probably be done: after the running batch and the queued jobs."""
@@ -130,14 +209,14 @@ class InferenceWorker:
         """Queue one job; the returned future resolves to its restored crop.
 
         Waits while the queue is full. Cancelling the future withdraws the job
-        if the worker has not taken it yet.
+        if the worker has not taken it yet. While a dead worker waits to be
+        restarted, jobs are still queued (the new worker takes them, or their
+        deadline passes); raises :class:`EngineError` once the worker is stopped.
         """
-        while len(self._queue) >= self.queue_size:
-            if not self.running:
-                raise EngineError("the inference worker is not running")
+        while len(self._queue) >= self.queue_size and self.started:
             self._space.clear()
             await self._space.wait()
-        if not self.running or self._stopping:
+        if not self.started:
             raise EngineError("the inference worker is not running")
         loop = asyncio.get_running_loop()
         request = _Request(job, stream_id, deadline, loop.create_future(), time.monotonic())
@@ -152,12 +231,25 @@ class InferenceWorker:
             batch = await self._collect()
             if batch is None:
                 return
-            live = self._discard_stale(batch, time.monotonic())
-            if live:
-                try:
+            self._current = batch
+            try:
+                live = self._discard_stale(batch, time.monotonic())
+                if live:
                     await self._execute(live, loop)
-                finally:
-                    self._busy_until = 0.0
+            except Exception as exc:  # a bug around the generator call: this batch fails, the worker goes on
+                self.failed_batches += 1
+                self.metrics.inference_errors.labels(self.device).inc()
+                throttled.error(
+                    ("batch", self.device), "inference batch of %d on %s failed, its frames go out unrestored: %r",
+                    len(batch), self.device, exc,
+                )
+                error = EngineError(f"the inference batch failed: {exc!r}")
+                for request in batch:
+                    _fail(request.future, error)
+            finally:
+                self._busy_until = 0.0
+            # Not in the finally: when the task itself dies, _ended fails this batch.
+            self._current = []
 
     async def _collect(self) -> list[_Request] | None:
         while not self._queue:
@@ -208,7 +300,7 @@ class InferenceWorker:
             if not late:
                 break
             earliest = min(late, key=lambda r: r.deadline)
-            live.remove(earliest)
+            live = [r for r in live if r is not earliest]
             self._expire(earliest)
         return live
 
@@ -224,7 +316,10 @@ class InferenceWorker:
             crops = await loop.run_in_executor(self._executor, self._call, jobs)
         except Exception as exc:  # the generator failed: isolate the job that did it
             self.metrics.inference_errors.labels(self.device).inc()
-            log.warning("generator failed on a batch of %d (%s); retrying jobs one by one", len(jobs), exc)
+            throttled.warning(
+                ("generator", self.device), "generator failed on a batch of %d (%r); retrying its jobs one by one",
+                len(jobs), exc,
+            )
             if len(batch) == 1:
                 _fail(batch[0].future, exc)
             else:

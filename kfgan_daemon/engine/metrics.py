@@ -6,8 +6,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
-STAGES = ("prepare", "observe_keyframe", "inference", "complete", "pass_through", "total")
-OUTCOMES = ("restored", "skipped", "passthrough", "dropped", "error")
+STAGES = (
+    "start", "prepare", "locate", "observe_keyframe", "inference", "complete", "carry_forward", "pass_through", "total"
+)
+OUTCOMES = ("restored", "carried_forward", "no_face", "no_keyframe", "shed", "dropped", "error")
 QUEUES = ("inbox", "pending", "outbox")
 
 
@@ -33,8 +35,9 @@ class EngineMetrics:
         )
         self.frames = Counter(
             "kfgan_engine_frames_total",
-            "Frames by outcome: restored, skipped (no face or no keyframe yet), passthrough (sent unrestored "
-            "under overload), dropped (overload, not sent), error (an exception; sent unrestored)",
+            "Frames by outcome: restored; carried_forward (too late to restore: the last restored correction, "
+            "moved with the face); no_face; no_keyframe (nothing to restore from yet); shed (too late to restore, "
+            "nothing to carry: sent unrestored); dropped (overload with policy drop: not sent); error (sent unrestored)",
             ["stream", "outcome"],
             registry=r,
         )
@@ -43,7 +46,7 @@ class EngineMetrics:
         )
         self.deadline_misses = Counter(
             "kfgan_engine_deadline_misses_total",
-            "Frames whose restoration missed the real-time deadline or was shed before it started",
+            "Frames that could not be restored before the real-time deadline (carried forward, shed or dropped)",
             ["stream"],
             registry=r,
         )
@@ -80,6 +83,28 @@ class EngineMetrics:
         self.inference_errors = Counter(
             "kfgan_engine_inference_errors_total", "Generator calls that raised", ["device"], registry=r
         )
+        self.inference_restarts = Counter(
+            "kfgan_engine_inference_restarts_total",
+            "Times the inference worker ended unexpectedly and was restarted",
+            ["device"],
+            registry=r,
+        )
+        self.inference_up = Gauge(
+            "kfgan_engine_inference_up", "1 while the inference worker runs, 0 while it is down or restarting",
+            ["device"], registry=r,
+        )
+        self.receive_backlog = Gauge(
+            "kfgan_engine_receive_backlog_frames",
+            "Decoded frames received from a transport and not yet taken by the stream (bounded; newest wins)",
+            ["stream"],
+            registry=r,
+        )
+        self.receive_dropped = Counter(
+            "kfgan_engine_receive_dropped_total",
+            "Received frames discarded before the stream took them because newer ones arrived (never I-frames)",
+            ["stream"],
+            registry=r,
+        )
 
     def forget_stream(self, stream_id: str) -> None:
         """Drop a closed stream's series so that label cardinality follows the open streams."""
@@ -88,6 +113,8 @@ class EngineMetrics:
         self._remove(self.deadline_misses, (stream_id,))
         self._remove(self.output_overflow, (stream_id,))
         self._remove(self.fps, (stream_id,))
+        self._remove(self.receive_backlog, (stream_id,))
+        self._remove(self.receive_dropped, (stream_id,))
         for stage in STAGES:
             self._remove(self.stage_seconds, (stream_id, stage))
             self._remove(self.errors, (stream_id, stage))

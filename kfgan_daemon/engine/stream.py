@@ -5,11 +5,18 @@ task takes records in order, decides whether each can still be restored in
 time, runs the face stage in a thread and hands the face job to the shared
 inference worker, whose answer resolves the record. The *emit* task takes the
 same records in the same order and waits for each, in a real-time stream at
-most until the frame's deadline: a frame whose face stage or generator is late
-(a slow first detection, an overloaded generator) goes out unrestored or is
-dropped on time, whatever the face task is still doing. Two tasks and FIFO
-hand-offs keep the output order equal to the input order while the face stage
-of frame N+1 overlaps the generator work of frame N.
+most until the frame's deadline. A frame that cannot be restored in time (a
+slow first detection, an overloaded generator) is not sent as it came: the
+last restored correction is carried forward onto it, moved with the face (the
+frame's own alignment), so that restored and unrestored pictures never
+alternate; only when there is nothing to carry does it go out unrestored
+("shed") or, with the ``drop`` policy, not at all. Two tasks and FIFO hand-offs
+keep the output order equal to the input order while the face stage of frame
+N+1 overlaps the generator work of frame N.
+
+The stream's restorer is built on a worker thread when the stream starts
+(dlib detectors take a quarter of a second to build): opening a stream never
+blocks the event loop.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -31,26 +38,51 @@ from kfgan_daemon.engine.inference import InferenceWorker
 from kfgan_daemon.engine.metrics import EngineMetrics
 from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
 from kfgan_daemon.errors import EngineError, StreamClosedError
+from kfgan_daemon.logthrottle import ThrottledLog
 
 if TYPE_CHECKING:
     from kfgan_daemon.media.frame import DecodedFrame
     from kfgan_daemon.restore.job import FaceJob
 
 log = logging.getLogger(__name__)
+throttled = ThrottledLog(log)
 
 FPS_WINDOW = 1.0
 LATENCY_HISTORY = 1024
 STAGE_HISTORY = 512
 
 
+SkipReason = Literal["no_face", "no_keyframe"]
+
+
 class FrameRestorer(Protocol):
-    """What the engine needs from a stream's restorer (``kfgan_daemon.restore.StreamRestorer``)."""
+    """What the engine needs from a stream's restorer (``kfgan_daemon.restore.StreamRestorer``).
+
+    ``prepare`` builds the generator's job, or returns None and says why in
+    ``skip_reason``. ``locate`` is the cheap path of a frame that will not be
+    restored: it follows the face (offering an I-frame to the keyframe store)
+    and returns the frame-to-crop alignment matrix. ``carry_forward`` pastes
+    the correction of the last restored frame with a frame's own matrix (None:
+    the last followed frame's), or returns None when there is none fit to carry
+    (no restored frame yet, a new person, too long ago). ``can_carry_forward``
+    says whether there is one.
+    """
 
     def prepare(self, frame: DecodedFrame) -> FaceJob | None: ...
+
+    @property
+    def skip_reason(self) -> SkipReason | None: ...
+
+    def locate(self, frame: DecodedFrame) -> np.ndarray | None: ...
 
     def observe_keyframe(self, frame: DecodedFrame) -> None: ...
 
     def complete(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> DecodedFrame: ...
+
+    def carry_forward(self, frame: DecodedFrame, matrix: np.ndarray | None) -> DecodedFrame | None: ...
+
+    @property
+    def can_carry_forward(self) -> bool: ...
 
     def pass_through(self, frame: DecodedFrame) -> DecodedFrame: ...
 
@@ -59,11 +91,13 @@ class FrameRestorer(Protocol):
 
 
 class Outcome(str, Enum):
-    """What happened to a frame that leaves the stream."""
+    """What happened to a frame that leaves the stream; each word means one thing."""
 
     RESTORED = "restored"
-    SKIPPED = "skipped"  # no face, or no keyframe yet: sent untouched, as the restorer decided
-    PASSTHROUGH = "passthrough"  # overload: restoration would miss the deadline, sent unrestored
+    CARRIED_FORWARD = "carried_forward"  # too late to restore: the last restored correction, moved with the face
+    NO_FACE = "no_face"  # no face in the picture: sent untouched
+    NO_KEYFRAME = "no_keyframe"  # a face, but no keyframe to restore it from yet: sent untouched
+    SHED = "shed"  # overload: too late to restore and nothing to carry forward, sent unrestored
     ERROR = "error"  # an exception in this frame's processing: sent unrestored
 
 
@@ -87,9 +121,11 @@ class StreamStats:
     received: int = 0
     emitted: int = 0
     restored: int = 0
-    skipped: int = 0
-    passthrough: int = 0
-    dropped: int = 0
+    carried_forward: int = 0
+    no_face: int = 0
+    no_keyframe: int = 0
+    shed: int = 0
+    dropped: int = 0  # overload with policy "drop": never sent
     errors: int = 0
     keyframes: int = 0
     deadline_misses: int = 0
@@ -128,15 +164,17 @@ _END = _End()
 
 @dataclass(slots=True)
 class _Result:
-    """How the face task (or the generator) settled a frame. ``late``: it cannot be restored in time."""
+    """How the face task (or the generator) settled a frame.
+
+    ``late``: it cannot be restored in time; ``matrix``, when known, is the
+    frame's alignment, what carrying the last correction forward needs.
+    """
 
     outcome: Outcome | None
     job: FaceJob | None = None
     crop: np.ndarray | None = None
     late: bool = False
-
-
-_LATE = _Result(None, late=True)
+    matrix: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -147,6 +185,7 @@ class _Record:
     arrival: float
     deadline: float | None  # time.monotonic(); None when every frame is restored
     result: asyncio.Future[_Result]  # cancelled by the emit task when it gives up on the frame
+    job: FaceJob | None = None  # once the face stage built it
     inference: asyncio.Future[np.ndarray] | None = None
 
 
@@ -174,17 +213,21 @@ class LiveStream:
         out = await stream.next_output()                    # or one at a time
 
     ``realtime=True`` (live outputs): the added latency stays under
-    ``settings.max_latency``; frames that cannot make it are sent unrestored
-    (``policy="passthrough"``) or not at all (``policy="drop"``), and I-frames
-    still reach the keyframe store. ``realtime=False`` (files): every frame is
-    restored in order, with backpressure on ``submit``. In both modes the output
-    order is the input order and an exception affects only the frame it hit.
+    ``settings.max_latency``; frames that cannot make it are sent with the last
+    correction carried forward, else unrestored (``policy="passthrough"``), or
+    not at all (``policy="drop"``), and I-frames still reach the keyframe store.
+    ``realtime=False`` (files): every frame is restored in order, with
+    backpressure on ``submit``. In both modes the output order is the input
+    order and an exception affects only the frame it hit.
+
+    ``restorer`` is either a :class:`FrameRestorer` or a callable that builds
+    one; a callable runs on the executor when the stream starts.
     """
 
     def __init__(
         self,
         stream_id: str,
-        restorer: FrameRestorer,
+        restorer: FrameRestorer | Callable[[], FrameRestorer],
         worker: InferenceWorker,
         executor: Executor,
         settings: EngineSettings,
@@ -192,11 +235,17 @@ class LiveStream:
         policy: OverloadPolicy = "passthrough",
         realtime: bool = True,
         on_closed: Callable[["LiveStream"], None] | None = None,
+        paste_executor: Executor | None = None,
     ) -> None:
         if policy not in OVERLOAD_POLICIES:
             raise EngineError(f"overload policy must be one of {', '.join(OVERLOAD_POLICIES)}, not {policy!r}")
         self.id = stream_id
-        self.restorer = restorer
+        self.restorer: FrameRestorer | None = None
+        self._build_restorer: Callable[[], FrameRestorer] | None = None
+        if callable(getattr(restorer, "prepare", None)):
+            self.restorer = restorer  # type: ignore[assignment]
+        else:
+            self._build_restorer = restorer  # type: ignore[assignment]
         self.policy: OverloadPolicy = policy
         self.realtime = realtime
         self.settings = settings
@@ -205,6 +254,9 @@ class LiveStream:
         self.last_error: str | None = None
         self._worker = worker
         self._executor = executor
+        # Pasting (complete, carry_forward) happens at the frame's deadline: queued behind face
+        # stages of later frames (a 70 ms identity check, a detection) it would make the frame late.
+        self._paste_executor = paste_executor or executor
         self._metrics = metrics
         self._on_closed = on_closed
         # _order holds every frame not yet emitted and bounds the stream; _work the
@@ -215,7 +267,12 @@ class LiveStream:
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
         self._gauges = _Gauges()
         # recent durations of the CPU stages, for judging whether a frame can still make its deadline
-        self._typical = {"prepare": RecentDuration(), "complete": RecentDuration()}
+        self._typical = {
+            stage: RecentDuration() for stage in ("prepare", "locate", "complete", "carry_forward")
+        }
+        self._can_carry = False
+        self._skip_reason: SkipReason | None = None
+        self._followed_index: int | None = None  # the last frame whose face was followed
         # The restorer is touched from the executor threads; this lock keeps the
         # face stage (tracker, keyframe store) single-threaded per stream.
         self._face_lock = threading.Lock()
@@ -282,6 +339,9 @@ class LiveStream:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A cancelled task keeps its CancelledError, whose traceback holds this stream:
+        # forgetting the tasks breaks that cycle, so a closed stream is freed at once.
+        self._tasks = []
         while not self._order.empty():
             record = self._order.get_nowait()
             if isinstance(record, _Record):
@@ -308,15 +368,17 @@ class LiveStream:
         """Hand one decoded frame to the stream (from one producer task).
 
         ``arrival`` is when the frame became available (``time.monotonic()``;
-        for RTP the arrival of its last packet); latency and the real-time
-        deadline are measured from it. Waits only while the stream holds
+        for RTP the arrival of its last packet), by default ``frame.arrival``
+        (set by the RTP receiver), else now; latency and the real-time
+        deadline are measured from it, so time spent receiving and decoding
+        counts against the budget. Waits only while the stream holds
         ``inbox_size + max_in_flight`` frames: in a real-time stream that is
         bounded by the deadline, in a file stream it is the backpressure.
         """
         if not self._accepting:
             raise StreamClosedError(f"stream {self.id} is closed")
         if arrival is None:
-            arrival = time.monotonic()
+            arrival = frame.arrival if frame.arrival is not None else time.monotonic()
         self.stats.received += 1
         self._metrics.frames_received.labels(self.id).inc()
         if frame.is_keyframe:
@@ -398,19 +460,38 @@ class LiveStream:
     # ---- face task --------------------------------------------------------
 
     async def _face_loop(self) -> None:
+        if self.restorer is None:
+            await self._start_restorer()
         while True:
             record = await self._work.get()
             self._update_queue_gauges()
             if isinstance(record, _End):
                 return
+            if self.restorer is None:  # it could not be built: every frame goes out as it came
+                self.stats.errors += 1
+                self._metrics.errors.labels(self.id, "start").inc()
+                _settle(record, _Result(Outcome.ERROR))
+                continue
             await self._face_stage(record)
+
+    async def _start_restorer(self) -> None:
+        assert self._build_restorer is not None
+        loop = asyncio.get_running_loop()
+        try:
+            restorer = await loop.run_in_executor(self._executor, self._build_restorer)
+        except Exception as exc:
+            self._count_error("start", exc)
+            return
+        self.restorer = restorer
+        self._refresh_restorer_state()
 
     async def _face_stage(self, record: _Record) -> None:
         frame = record.frame
-        if record.result.done() or (self.realtime and self._must_shed(record)):
-            # Given up on, or hopeless: only an I-frame still matters, for the keyframe store.
-            await self._observe_keyframe(frame)
-            _settle(record, _LATE)
+        if record.result.done():
+            await self._observe_keyframe(frame)  # sent already: only an I-frame still matters, for the store
+            return
+        if self.realtime and self._must_shed(record):
+            await self._settle_late(record)
             return
         try:
             job = await self._in_thread("prepare", self._prepare_face, frame)
@@ -419,12 +500,14 @@ class LiveStream:
             _settle(record, _Result(Outcome.ERROR))
             return
         if job is None:
-            _settle(record, _Result(Outcome.SKIPPED))
+            reason = self._skip_reason or "no_face"
+            _settle(record, _Result(Outcome.NO_KEYFRAME if reason == "no_keyframe" else Outcome.NO_FACE))
             return
+        record.job = job
         if record.result.done():
             return  # given up on while its face was prepared (an I-frame is stored already)
         if record.deadline is not None and self._expected_done(time.monotonic()) > record.deadline:
-            _settle(record, _LATE)
+            _settle(record, _Result(None, late=True, matrix=job.matrix))
             return
         await self._in_flight.acquire()  # never waits in real time: _must_shed saw a free slot
         try:
@@ -438,10 +521,46 @@ class LiveStream:
         submitted = time.monotonic()
         future.add_done_callback(lambda done: self._inference_done(record, job, submitted, done))
 
+    async def _settle_late(self, record: _Record) -> None:
+        """A frame that will not be restored: follow its face, to carry the last correction onto it, if
+        that can still be done in time; otherwise the correction goes where the face last was, and
+        only an I-frame still needs the face stage, for the keyframe store."""
+        frame = record.frame
+        if self._followed_recently(frame) or not self._carry_in_time(record):
+            await self._observe_keyframe(frame)
+            _settle(record, _Result(None, late=True))
+            return
+        try:
+            matrix = await self._in_thread("locate", self._locate_face, frame)
+        except Exception as exc:
+            self._count_error("locate", exc)
+            _settle(record, _Result(Outcome.ERROR))
+            return
+        _settle(record, _Result(Outcome.NO_FACE) if matrix is None else _Result(None, late=True, matrix=matrix))
+
+    def _followed_recently(self, frame: DecodedFrame) -> bool:
+        """True when a frame at most ``unfollowed_carry_frames`` before this one had its face followed:
+        its alignment will do for the carried correction, and the face threads stay free."""
+        followed = self._followed_index
+        return (
+            self._can_carry
+            and followed is not None
+            and 0 < frame.index - followed <= self.settings.unfollowed_carry_frames
+        )
+
+    def _carry_in_time(self, record: _Record) -> bool:
+        if not self._can_carry or self.policy == "drop" or record.deadline is None:
+            return False
+        now = time.monotonic()
+        cost = self._typical["locate"].predict(now) + self._typical["carry_forward"].predict(now)
+        # A backlog of frames waiting for the face stage is only made worse by following faces.
+        return now + cost <= record.deadline and self._work.qsize() < max(1, self.settings.inbox_size - 1)
+
     def _inference_done(self, record: _Record, job: FaceJob, submitted: float, future: asyncio.Future) -> None:
         self._in_flight.release()
         if future.cancelled():
-            _settle(record, _LATE)  # the worker saw it could not finish in time, or the emit task gave up
+            # the worker saw it could not finish in time, or the emit task gave up
+            _settle(record, _Result(None, late=True, matrix=job.matrix))
             return
         exc = future.exception()
         if exc is not None:
@@ -481,7 +600,10 @@ class LiveStream:
         self.stats.errors += 1
         self.last_error = f"{stage}: {exc!r}"
         self._metrics.errors.labels(self.id, stage).inc()
-        log.warning("stream %s: %s failed on a frame, passing it through: %r", self.id, stage, exc)
+        # A fault that hits every frame (e.g. while the inference worker restarts) logs once per interval.
+        throttled.warning(
+            (self.id, stage), "stream %s: %s failed, the frame goes out unrestored: %r", self.id, stage, exc
+        )
 
     # ---- emit task --------------------------------------------------------
 
@@ -498,34 +620,56 @@ class LiveStream:
 
     async def _emit_one(self, record: _Record) -> StreamOutput | None:
         frame = record.frame
-        timeout = None if record.deadline is None else max(0.0, record.deadline - time.monotonic())
+        timeout = None
+        if record.deadline is not None:
+            # leave the time a carried-forward paste takes, so that a late frame still leaves on time
+            now = time.monotonic()
+            reserve = self._typical["carry_forward"].predict(now) if self._can_carry else 0.0
+            timeout = max(0.0, record.deadline - reserve - now)
         done, _ = await asyncio.wait({record.result}, timeout=timeout)
         if not done:
             self._abandon(record)
-            result = _LATE
+            result = _Result(None, late=True, matrix=None if record.job is None else record.job.matrix)
         else:
             result = record.result.result()
         if result.late:
-            self.stats.deadline_misses += 1
-            self._metrics.deadline_misses.labels(self.id).inc()
-            if self.policy == "drop":
-                self.stats.dropped += 1
-                self._metrics.frames.labels(self.id, "dropped").inc()
-                return None
-            try:
-                self.restorer.pass_through(frame)
-            except Exception as exc:
-                self._count_error("pass_through", exc)
-            return StreamOutput(frame, Outcome.PASSTHROUGH, record.arrival)
+            return await self._emit_late(record, result)
         assert result.outcome is not None
         if result.outcome is not Outcome.RESTORED:
             return StreamOutput(frame, result.outcome, record.arrival)
+        assert self.restorer is not None
         try:
-            restored = await self._in_thread("complete", self.restorer.complete, frame, result.job, result.crop)
+            restored = await self._in_thread("complete", self._complete, frame, result.job, result.crop)
         except Exception as exc:
             self._count_error("complete", exc)
             return StreamOutput(frame, Outcome.ERROR, record.arrival)
         return StreamOutput(restored, Outcome.RESTORED, record.arrival)
+
+    async def _emit_late(self, record: _Record, result: _Result) -> StreamOutput | None:
+        frame = record.frame
+        self.stats.deadline_misses += 1
+        self._metrics.deadline_misses.labels(self.id).inc()
+        if self.policy == "drop":
+            self.stats.dropped += 1
+            self._metrics.frames.labels(self.id, "dropped").inc()
+            return None
+        restorer = self.restorer
+        if restorer is None:
+            return StreamOutput(frame, Outcome.SHED, record.arrival)
+        if self._can_carry:
+            # result.matrix None: no time to follow this frame's face; the last followed one's alignment serves
+            try:
+                carried = await self._in_thread("carry_forward", self._carry_forward, frame, result.matrix)
+            except Exception as exc:
+                self._count_error("carry_forward", exc)
+                return StreamOutput(frame, Outcome.ERROR, record.arrival)
+            if carried is not None:
+                return StreamOutput(carried, Outcome.CARRIED_FORWARD, record.arrival)
+        try:
+            restorer.pass_through(frame)
+        except Exception as exc:
+            self._count_error("pass_through", exc)
+        return StreamOutput(frame, Outcome.SHED, record.arrival)
 
     @staticmethod
     def _abandon(record: _Record) -> None:
@@ -565,14 +709,10 @@ class LiveStream:
         now = time.monotonic()
         output.emitted = now
         self.stats.emitted += 1
-        outcome = output.outcome
-        if outcome is Outcome.RESTORED:
-            self.stats.restored += 1
-        elif outcome is Outcome.SKIPPED:
-            self.stats.skipped += 1
-        elif outcome is Outcome.PASSTHROUGH:
-            self.stats.passthrough += 1
-        self._metrics.frames.labels(self.id, outcome.value).inc()
+        field_name = _OUTCOME_COUNTERS[output.outcome]
+        if field_name is not None:
+            setattr(self.stats, field_name, getattr(self.stats, field_name) + 1)
+        self._metrics.frames.labels(self.id, output.outcome.value).inc()
         self._metrics.stage_seconds.labels(self.id, "total").observe(output.latency)
         self._gauges.add_stage("total", output.latency)
         self._gauges.latencies.append(output.latency)
@@ -589,7 +729,8 @@ class LiveStream:
 
     async def _in_thread(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._timed, stage, fn, args)
+        executor = self._paste_executor if stage in _PASTE_STAGES else self._executor
+        return await loop.run_in_executor(executor, self._timed, stage, fn, args)
 
     def _timed(self, stage: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         start = time.perf_counter()
@@ -602,33 +743,82 @@ class LiveStream:
             if stage in self._typical:
                 self._typical[stage].observe(seconds)
 
+    # The face stage (tracker, keyframe store) is single-threaded per stream under
+    # _face_lock; complete and carry_forward run on the emit task, one at a time,
+    # and touch only the restorer's correction.
+
     def _prepare_face(self, frame: DecodedFrame) -> FaceJob | None:
+        assert self.restorer is not None
         with self._face_lock:
             try:
-                return self.restorer.prepare(frame)
+                job = self.restorer.prepare(frame)
+                self._skip_reason = None if job is not None else self.restorer.skip_reason
+                self._followed_index = None if self._skip_reason == "no_face" else frame.index
+                return job
             finally:
-                self._refresh_keyframe_state()
+                self._refresh_restorer_state()
+
+    def _locate_face(self, frame: DecodedFrame) -> np.ndarray | None:
+        assert self.restorer is not None
+        with self._face_lock:
+            try:
+                matrix = self.restorer.locate(frame)
+                self._followed_index = None if matrix is None else frame.index
+                return matrix
+            finally:
+                self._refresh_restorer_state()
 
     def _observe_face(self, frame: DecodedFrame) -> None:
+        assert self.restorer is not None
         with self._face_lock:
             try:
                 self.restorer.observe_keyframe(frame)
             finally:
-                self._refresh_keyframe_state()
+                self._refresh_restorer_state()
 
-    def _refresh_keyframe_state(self) -> None:
-        """Cache what the event loop may read, computed on the thread that owns the restorer's state."""
+    def _complete(self, frame: DecodedFrame, job: FaceJob, crop: np.ndarray) -> DecodedFrame:
+        assert self.restorer is not None
         try:
-            self._needs_keyframe = bool(self.restorer.needs_keyframe)
+            return self.restorer.complete(frame, job, crop)
+        finally:
+            self._refresh_restorer_state()
+
+    def _carry_forward(self, frame: DecodedFrame, matrix: np.ndarray | None) -> DecodedFrame | None:
+        assert self.restorer is not None
+        try:
+            return self.restorer.carry_forward(frame, matrix)
+        finally:
+            self._refresh_restorer_state()
+
+    def _refresh_restorer_state(self) -> None:
+        """Cache what the event loop may read, computed on the thread that used the restorer."""
+        restorer = self.restorer
+        if restorer is None:
+            return
+        try:
+            self._needs_keyframe = bool(restorer.needs_keyframe)
+            self._can_carry = bool(restorer.can_carry_forward)
         except Exception as exc:
-            log.debug("stream %s: needs_keyframe failed: %r", self.id, exc)
-        store = getattr(self.restorer, "store", None)
+            log.debug("stream %s: reading the restorer's state failed: %r", self.id, exc)
+        store = getattr(restorer, "store", None)
         if store is not None:
             self._keyframes_stored = len(store)
 
     def _update_queue_gauges(self) -> None:
         for name, depth in self.queue_depths().items():
             self._metrics.queue_depth.labels(self.id, name).set(depth)
+
+
+_PASTE_STAGES = frozenset({"complete", "carry_forward"})
+
+_OUTCOME_COUNTERS: dict[Outcome, str | None] = {
+    Outcome.RESTORED: "restored",
+    Outcome.CARRIED_FORWARD: "carried_forward",
+    Outcome.NO_FACE: "no_face",
+    Outcome.NO_KEYFRAME: "no_keyframe",
+    Outcome.SHED: "shed",
+    Outcome.ERROR: None,  # counted where the exception was caught
+}
 
 
 def _settle(record: _Record, result: _Result) -> None:

@@ -29,16 +29,19 @@ from tqdm import tqdm
 
 from kfgan_daemon.errors import InputError, MetricUnavailableError
 from kfgan_daemon.eval import metrics
+from kfgan_daemon.eval.flicker import FlickerMeter, face_region_mask
 from kfgan_daemon.eval.lpips import Lpips, LpipsWeights
 from kfgan_daemon.eval.report import ClipResult, EvalReport, Example, RowResult, average_rows, write_grid, write_json, write_markdown
 from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
-from kfgan_daemon.face import FaceTracker, align_face, landmark_image, mls_warp, paste_back
+from kfgan_daemon.face import FaceTracker, align_frame, landmark_image, mls_warp, paste_face
 from kfgan_daemon.keyframes import KeyframeStore
-from kfgan_daemon.media import FileSource, encode_h264_file
+from kfgan_daemon.media import FileSource
+from kfgan_daemon.media.encode import degrade_like_a_call
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore.generator import CropGenerator
 from kfgan_daemon.restore.job import FaceJob
 from kfgan_daemon.restore.settings import RestoreSettings
+from kfgan_daemon.restore.stream import landmark_smoother, stream_time
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +154,17 @@ class _ReferenceComposer:
         self.settings = settings
         self.reference_mode = reference_mode
         self.store = KeyframeStore(settings.keyframe_store_size, policy=settings.keyframe_policy)
+        self.smoother = landmark_smoother(settings)
 
     def prepare(self, compressed: DecodedFrame, original: DecodedFrame) -> _Sample | None:
-        landmarks = self.tracker.update(compressed.image)
+        landmarks = self.tracker.update(compressed.luma)
+        if self.smoother is not None:
+            new_face = self.tracker.source == "detected"
+            landmarks = self.smoother.follow(landmarks, stream_time(compressed), new_face=new_face)
         if landmarks is None:
             return None
-        aligned = align_face(compressed.image, landmarks)
-        truth = align_face(original.image, landmarks)
+        aligned = align_frame(compressed, landmarks, mode=self.settings.alignment)
+        truth = align_frame(original, landmarks, mode=self.settings.alignment)
         if compressed.is_keyframe:
             key_crop = truth.crop if self.reference_mode == "hq" else aligned.crop
             self.store.offer(compressed.index, aligned.crop_landmarks, key_crop)
@@ -189,9 +196,10 @@ class _RowAccumulator:
         self.face_ssim.append(metrics.ssim(crop, truth, channel))
         self.face_luma_bias.append(metrics.luma_bias(crop, truth))
 
-    def add_frame(self, image: np.ndarray, truth: np.ndarray, channel: metrics.SsimChannel) -> None:
-        self.frame_psnr.append(metrics.psnr(image, truth))
-        self.frame_ssim.append(metrics.ssim(image, truth, channel))
+    def add_frame(self, frame: DecodedFrame, truth: DecodedFrame) -> None:
+        # Whole frames are compared on their decoded luma planes: no colour conversion in the way.
+        self.frame_psnr.append(metrics.psnr(frame.luma, truth.luma))
+        self.frame_ssim.append(metrics.ssim(frame.luma, truth.luma))
 
     def result(self, frames: int, face_frames: int, note: str | None) -> RowResult:
         def mean(values: list[float]) -> float | None:
@@ -228,8 +236,10 @@ class _ClipMeasurement:
         vmaf: bool = False,
         device: str = "cpu",
         lpips: Lpips | None = None,
+        settings: RestoreSettings | None = None,
     ) -> None:
         self.clip = clip
+        self.settings = settings or RestoreSettings()
         self.models = models
         self.channel = channel
         self.example_at = example_at
@@ -243,13 +253,15 @@ class _ClipMeasurement:
         self._early_example: Example | None = None
         self.vmaf = VmafMeter(device) if vmaf else None
         self.lpips = lpips
+        self.flicker = FlickerMeter()
 
     def add(self, original: DecodedFrame, compressed: DecodedFrame, sample: _Sample | None) -> None:
         self.frames += 1
         self.keyframes += compressed.is_keyframe
         if sample is None:
             # No face: the daemon passes the frame through, so every row sees the compressed frame.
-            self._measure_frames(original, {key: compressed.image for key in self.rows})
+            self._measure_frames(original, {key: compressed for key in self.rows})
+            self.flicker.add(original.luma, {}, None)
             return
         self.face_frames += 1
         crops = {INPUT_KEY: sample.compressed}
@@ -273,9 +285,22 @@ class _ClipMeasurement:
             crop = crops.get(key)
             faces[key] = sample.compressed if crop is None else crop
             pasted = crop is not None and key != INPUT_KEY
-            images[key] = paste_back(compressed.image, crop, sample.matrix) if pasted else compressed.image
+            images[key] = (
+                paste_face(
+                    compressed,
+                    crop,
+                    sample.matrix,
+                    compressed=sample.compressed,
+                    mode=self.settings.paste_mode,
+                    mask=self.settings.paste_mask,
+                )
+                if pasted
+                else compressed
+            )
         self._measure_faces(sample.truth, faces)
         self._measure_frames(original, images)
+        region = face_region_mask(sample.matrix, compressed.height, compressed.width)
+        self.flicker.add(original.luma, {key: image.luma for key, image in images.items()}, region)
         if candidate is not None:
             if compressed.index < self.example_at:
                 self._early_example = candidate
@@ -290,11 +315,11 @@ class _ClipMeasurement:
             for key, distance in zip(faces, distances):
                 self.rows[key].face_lpips.append(distance)
 
-    def _measure_frames(self, original: DecodedFrame, images: dict[str, np.ndarray]) -> None:
+    def _measure_frames(self, original: DecodedFrame, images: dict[str, DecodedFrame]) -> None:
         for key, image in images.items():
-            self.rows[key].add_frame(image, original.image, self.channel)
+            self.rows[key].add_frame(image, original)
         if self.vmaf is not None:
-            self.vmaf.add(original.image, images)
+            self.vmaf.add(original.luma, {key: image.luma for key, image in images.items()})
 
     def picked_example(self) -> Example | None:
         """The first restored face at or after the middle of the clip, else the last one before it."""
@@ -311,7 +336,9 @@ class _ClipMeasurement:
                 passed = self.face_frames - row.restored_frames
                 if passed:
                     note = f"{passed} face frame(s) with no stored keyframe yet passed through unrestored"
-            results.append(row.result(self.frames, self.face_frames, note))
+            result = row.result(self.frames, self.face_frames, note)
+            result.face_flicker = self.flicker.flicker(key)
+            results.append(result)
         if self.vmaf is not None:
             scores = self.vmaf.scores()
             for result in results:
@@ -361,6 +388,7 @@ def evaluate_clip(
             vmaf=vmaf,
             device=device,
             lpips=lpips,
+            settings=settings,
         )
         originals, compresseds = iter(original_source), iter(compressed_source)
         with tqdm(total=limit, unit="frame", desc=original_path.stem, disable=not progress) as bar:
@@ -390,9 +418,7 @@ def evaluate_clip(
 
 def compress_clip(clip: Path, destination: Path, crf: int, gop_seconds: float, max_frames: int | None) -> int:
     """libx264 at ``crf`` with an I-frame at least every ``gop_seconds`` (x264's scene cuts may add more)."""
-    with FileSource(clip) as source:
-        gop = max(1, round(float(source.frame_rate) * gop_seconds))
-    return encode_h264_file(clip, destination, crf=crf, gop=gop, max_frames=max_frames, audio=False)
+    return degrade_like_a_call(clip, destination, crf, gop_seconds, max_frames, audio=False)
 
 
 def evaluate(

@@ -126,9 +126,9 @@ class Lpips(nn.Module):
         return total
 
     @torch.no_grad()
-    def distance(self, a_bgr: Sequence[np.ndarray] | np.ndarray, b_bgr: Sequence[np.ndarray] | np.ndarray) -> list[float]:
-        """LPIPS between uint8 BGR images (one or a batch of equal size)."""
-        return self(_to_input(a_bgr, self.shift.device), _to_input(b_bgr, self.shift.device)).tolist()
+    def distance(self, a_rgb: Sequence[np.ndarray] | np.ndarray, b_rgb: Sequence[np.ndarray] | np.ndarray) -> list[float]:
+        """LPIPS between uint8 RGB images (one or a batch of equal size)."""
+        return self(_to_input(a_rgb, self.shift.device), _to_input(b_rgb, self.shift.device)).tolist()
 
 
 def _unit(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -139,5 +139,4 @@ def _to_input(images: Sequence[np.ndarray] | np.ndarray, device: torch.device) -
     batch = np.asarray(images)
     if batch.ndim == 3:
         batch = batch[None]
-    rgb = np.ascontiguousarray(batch[..., ::-1])
-    return torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -25,8 +25,8 @@ SSIM_SIGMA = 1.5
 
 SsimChannel = Literal["y", "rgb"]
 
-# BT.601 luma weights in the BGR order the whole project uses.
-_LUMA_BGR = np.array([0.114, 0.587, 0.299])
+# BT.601 luma weights in RGB order (the crops' order).
+_LUMA_RGB = np.array([0.299, 0.587, 0.114])
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
@@ -36,9 +36,9 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
         raise ValueError(f"metrics expect uint8 images, got {a.dtype} and {b.dtype}")
 
 
-def luma(image_bgr: np.ndarray) -> np.ndarray:
-    """BT.601 luma of an H x W x 3 BGR uint8 image as float64 in [0, 255]."""
-    return image_bgr.astype(np.float64) @ _LUMA_BGR
+def luma(image_rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma of an H x W x 3 RGB uint8 image as float64 in [0, 255]."""
+    return image_rgb.astype(np.float64) @ _LUMA_RGB
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -51,7 +51,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, channel: SsimChannel = "y") -> float:
-    """SSIM between two uint8 images (H x W x 3 BGR, or H x W gray) with the module's conventions."""
+    """SSIM between two uint8 images (H x W x 3 RGB, or H x W gray) with the module's conventions."""
     _check_pair(a, b)
     options = dict(data_range=DATA_RANGE, gaussian_weights=True, sigma=SSIM_SIGMA, use_sample_covariance=False)
     if a.ndim == 2:
@@ -83,7 +83,15 @@ def conventions(channel: SsimChannel = "y") -> dict[str, str]:
             "K1=0.01, K2=0.03, data range 255 (scikit-image structural_similarity)"
         ),
         "face": "aligned 256x256 crops; ground truth is the original frame aligned with the compressed frame's matrix",
-        "frame": "whole frames; model rows use the restored crop pasted back into the compressed frame",
+        "frame": (
+            "whole frames, PSNR and SSIM on the decoded luma (Y) planes; model rows paste the restored crop "
+            "back into the compressed frame's YUV planes"
+        ),
         "face_luma_bias": "mean BT.601 luma of the row's face crop minus the ground truth's, gray levels (a diagnostic)",
+        "face_flicker": (
+            "mean absolute frame-to-frame change of the row's luma error (decoded Y minus the original's) over the "
+            "aligned crop's footprint in the later frame, in Y levels, over consecutive frames that both have a face; "
+            "at or below the input's means the restoration adds no shimmer"
+        ),
         "averaging": "per clip: mean over frames (face metrics over frames with a face); average: mean over clips",
     }

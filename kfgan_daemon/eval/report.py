@@ -12,14 +12,25 @@ import numpy as np
 
 from kfgan_daemon.errors import OutputError
 
-METRICS = ("face_psnr", "face_ssim", "face_lpips", "face_luma_bias", "frame_psnr", "frame_ssim", "vmaf", "vmaf_neg")
+METRICS = (
+    "face_psnr",
+    "face_ssim",
+    "face_lpips",
+    "face_luma_bias",
+    "face_flicker",
+    "frame_psnr",
+    "frame_ssim",
+    "vmaf",
+    "vmaf_neg",
+)
 # Shown only when some row has a value: optional packages, user-given weights, or a face to measure.
-OPTIONAL_METRICS = ("face_lpips", "face_luma_bias", "vmaf", "vmaf_neg")
+OPTIONAL_METRICS = ("face_lpips", "face_luma_bias", "face_flicker", "vmaf", "vmaf_neg")
 _HEADINGS = {
     "face_psnr": "face PSNR (dB)",
     "face_ssim": "face SSIM",
     "face_lpips": "face LPIPS",
     "face_luma_bias": "face ΔY",
+    "face_flicker": "face flicker (Y levels)",
     "frame_psnr": "frame PSNR (dB)",
     "frame_ssim": "frame SSIM",
     "vmaf": "VMAF",
@@ -42,6 +53,7 @@ class RowResult:
     face_ssim: float | None = None
     face_lpips: float | None = None
     face_luma_bias: float | None = None
+    face_flicker: float | None = None
     frame_psnr: float | None = None
     frame_ssim: float | None = None
     vmaf: float | None = None

@@ -8,7 +8,7 @@ the SVM, with the model's support vectors in its source) whose NEG switch sets
 the enhancement gain limits of vmaf_v0.6.1neg to 1. It is an optional
 dependency; its scores have not been compared with libvmaf's on this machine.
 
-Frames are scored on the 8-bit limited-range luma plane (what libvmaf reads
+Frames are scored on their decoded 8-bit luma (Y) planes (what libvmaf reads
 from an H.264 yuv420p stream), in chunks, so memory stays bounded on long clips:
 ADM and VIF are per frame, motion needs only the reference and its previous
 frame, and the SVM runs once per frame at the end of the clip.
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from kfgan_daemon.errors import MetricUnavailableError
-from kfgan_daemon.eval.metrics import luma
 
 VMAF_PACKAGE = "vmaf_torch"
 CHUNK_FRAMES = 8
@@ -38,11 +37,6 @@ def vmaf_unavailable_reason() -> str | None:
     return None
 
 
-def limited_range_luma(image_bgr: np.ndarray) -> np.ndarray:
-    """8-bit BT.601 luma in the video (16..235) range, as a yuv420p encoder would write it."""
-    return np.rint(16.0 + luma(image_bgr) * (219.0 / 255.0)).astype(np.uint8)
-
-
 @dataclass(slots=True)
 class _Series:
     pending: list[np.ndarray] = field(default_factory=list)
@@ -53,8 +47,8 @@ class _Series:
 class VmafMeter:
     """Scores several distorted versions ("rows") of one clip against its original, frame by frame.
 
-    Call ``add(reference, {row: distorted})`` for every frame in order (BGR uint8
-    frames), then ``scores()`` -> {row: {"vmaf": mean, "vmaf_neg": mean}}.
+    Call ``add(reference, {row: distorted})`` for every frame in order (uint8 Y
+    planes of the decoded frames), then ``scores()`` -> {row: {"vmaf": mean, "vmaf_neg": mean}}.
     """
 
     def __init__(self, device: str = "cpu") -> None:
@@ -73,11 +67,11 @@ class VmafMeter:
         self._motion: list[torch.Tensor] = []
         self._series: dict[str, dict[str, _Series]] = {}
 
-    def add(self, reference_bgr: np.ndarray, distorted_bgr: dict[str, np.ndarray]) -> None:
-        self._reference.append(limited_range_luma(reference_bgr))
-        for row, image in distorted_bgr.items():
+    def add(self, reference_luma: np.ndarray, distorted_luma: dict[str, np.ndarray]) -> None:
+        self._reference.append(reference_luma)
+        for row, plane in distorted_luma.items():
             for series in self._series.setdefault(row, {name: _Series() for name in self._models}).values():
-                series.pending.append(limited_range_luma(image))
+                series.pending.append(plane)
         if len(self._reference) >= CHUNK_FRAMES:
             self._flush()
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from kfgan_daemon.errors import InputError
-from kfgan_daemon.face.models import load_cnn_detector, load_hog_detector
+from kfgan_daemon.face.models import cnn_detector_pool, hog_detector_pool
 
 DetectorKind = Literal["hog", "cnn"]
 DETECTOR_KINDS: tuple[str, ...] = ("hog", "cnn")
@@ -61,8 +61,9 @@ class FaceDetector:
     """dlib face detector that runs on a downscaled copy of (a region of) a grayscale image.
 
     `upsample` is dlib's own pyramid upsampling (0 by default for HOG; 1 for the CNN,
-    as the published pipeline used it). A new dlib detector is made per instance,
-    because dlib detectors keep scratch state and must not be shared between threads.
+    as the published pipeline used it). dlib detectors keep scratch state and must not
+    serve two threads at once, so each detection borrows one from the process's pool
+    (see `face.models.ModelPool`): making a FaceDetector costs nothing.
     """
 
     def __init__(self, kind: DetectorKind = "hog", path: str | Path | None = None, upsample: int | None = None):
@@ -70,7 +71,7 @@ class FaceDetector:
             raise InputError(f"unknown face detector {kind!r}; expected one of {DETECTOR_KINDS}")
         self.kind = kind
         self.upsample = (1 if kind == "cnn" else 0) if upsample is None else int(upsample)
-        self._dlib = load_cnn_detector(path) if kind == "cnn" else load_hog_detector()
+        self._pool = cnn_detector_pool(path) if kind == "cnn" else hog_detector_pool()
 
     def detect(
         self,
@@ -98,11 +99,12 @@ class FaceDetector:
             interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
             image = cv2.resize(image, (width, height), interpolation=interpolation)
         image = np.ascontiguousarray(image)
-        if self.kind == "cnn":
-            found = [(d.rect, float(d.confidence)) for d in self._dlib(image, self.upsample)]
-        else:
-            rects, scores, _ = self._dlib.run(image, self.upsample, 0.0)
-            found = list(zip(rects, (float(s) for s in scores)))
+        with self._pool.borrow() as detector:
+            if self.kind == "cnn":
+                found = [(d.rect, float(d.confidence)) for d in detector(image, self.upsample)]
+            else:
+                rects, scores, _ = detector.run(image, self.upsample, 0.0)
+                found = list(zip(rects, (float(s) for s in scores)))
         return [
             FaceBox(
                 r.left() * back_x + x0,

@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -43,6 +44,11 @@ _FLOW_MIN_INLIERS = 0.35
 _MAX_SCALE_CHANGE = 0.12
 # Scheduled detections in a row that may miss a face the flow still follows.
 _MAX_MISSED_DETECTIONS = 2
+
+# Where the last update's landmarks came from: "detected" starts a new track (no face
+# before, or the followed one was lost), "redetected" is a scheduled detection of the
+# followed face, "followed" is optical flow plus the shape predictor.
+LandmarkSource = Literal["detected", "redetected", "followed"]
 
 
 @dataclass
@@ -105,6 +111,7 @@ class FaceTracker:
         self._since_detection = 0
         self._since_search = 0
         self._missed_detections = 0
+        self.source: LandmarkSource | None = None
 
     @property
     def landmarks(self) -> np.ndarray | None:
@@ -118,31 +125,39 @@ class FaceTracker:
             return None
         return PREDICTOR_BOX.box_for(self._landmarks)
 
-    def update(self, image_bgr: np.ndarray) -> np.ndarray | None:
-        """68x2 float64 landmarks (x, y) of the followed face in `image_bgr`, or None."""
-        gray = _to_gray(image_bgr)
+    def update(self, luma: np.ndarray) -> np.ndarray | None:
+        """68x2 float64 landmarks (x, y) of the followed face in the H x W uint8 picture `luma`
+        (a frame's Y plane), or None."""
+        gray = _to_gray(luma)
         self.stats.frames += 1
+        source: LandmarkSource = "detected"
         if self._landmarks is None:
             self._since_search += 1
             if (self._since_search - 1) % self.search_interval:
+                self.source = None
                 return None
             landmarks = self._acquire(gray, expected=None)
         else:
             self._since_detection += 1
             expected = self.face_box
             if self._since_detection >= self.redetect_interval:
+                source = "redetected"
                 landmarks = self._acquire(gray, expected)
                 if landmarks is None:
                     self._missed_detections += 1
                     self._since_detection = self.redetect_interval // 2
                     if self._missed_detections <= _MAX_MISSED_DETECTIONS:
+                        source = "followed"
                         landmarks = self._follow(gray)
             else:
+                source = "followed"
                 landmarks = self._follow(gray)
                 if landmarks is None:
                     self.stats.losses += 1
                     logger.debug("face lost at frame %d; detecting again", self.stats.frames)
+                    source = "detected"
                     landmarks = self._acquire(gray, expected)
+        self.source = None if landmarks is None else source
         if landmarks is None:
             if self._landmarks is not None:
                 self.reset()
@@ -257,9 +272,7 @@ def _to_gray(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         # A copy: the tracker keeps the previous frame, and callers may reuse their buffer.
         return np.array(image, dtype=np.uint8, order="C")
-    if image.ndim == 3 and image.shape[2] == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    raise InputError(f"expected an HxWx3 BGR or HxW gray image, got shape {image.shape}")
+    raise InputError(f"expected an H x W luma plane (DecodedFrame.luma), got shape {image.shape}")
 
 
 def _search_region(box: FaceBox, shape: tuple[int, ...]) -> tuple[tuple[int, int, int, int] | None, float]:

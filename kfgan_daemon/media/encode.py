@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.media.sink import FileSink
 from kfgan_daemon.media.source import FileSource
 
@@ -32,6 +33,7 @@ def encode_h264_file(
     ``max_frames`` stops early (audio is then trimmed to the video). Audio is
     copied unchanged when ``audio`` is true and the clip has some. An odd frame
     size is scaled to the even size just below it (yuv420p needs even sizes).
+    Pixels and colour tags are kept: the planes go to the encoder unconverted.
     """
     options: dict[str, str] = {}
     if keyint_min is not None:
@@ -61,9 +63,28 @@ def encode_h264_file(
             for picture in source.pictures():
                 if max_frames is not None and sink.frames_written >= max_frames:
                     break
-                if picture.format.name != "yuv420p" or (picture.width, picture.height) != (width, height):
-                    converted = picture.reformat(width=width, height=height, format="yuv420p")
-                    converted.pts, converted.time_base = picture.pts, picture.time_base
-                    picture = converted
-                sink.encode_picture(picture)
+                if (picture.width, picture.height) != (width, height):
+                    scaled = picture.reformat(width=width, height=height)
+                    scaled.pts, scaled.time_base = picture.pts, picture.time_base
+                    picture = scaled
+                if picture.format.name == "yuv420p":
+                    sink.encode_picture(picture)
+                else:
+                    # yuvj420p keeps its full-range levels (the sink is tagged full range); others become yuv420p.
+                    sink.encode_picture(DecodedFrame.from_av(picture, colour=sink.colour).to_av())
         return sink.frames_written
+
+
+def degrade_like_a_call(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    crf: int,
+    gop_seconds: float = 1.0,
+    max_frames: int | None = None,
+    audio: bool = True,
+) -> int:
+    """``src`` as a call would deliver it: libx264 at ``crf`` with an I-frame at least every
+    ``gop_seconds`` (x264's scene cuts may add more); returns the frames written."""
+    with FileSource(src) as source:
+        gop = max(1, round(float(source.frame_rate) * gop_seconds))
+    return encode_h264_file(src, dst, crf=crf, gop=gop, max_frames=max_frames, audio=audio)

@@ -18,9 +18,10 @@ import av
 import av.error
 
 from kfgan_daemon.errors import OutputError
-from kfgan_daemon.media.conversion import check_colorspace, tag_colorspace, yuv420_frame
+from kfgan_daemon.media.colour import ColourSpace, convert_planes
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.media.source import FileSource, ffmpeg_reason
+from kfgan_daemon.media.x264 import H264Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,16 @@ _AUDIO_LEAD_S = 0.5
 class FileSink:
     """libx264 yuv420p encoder into a file (format from the extension); a context manager.
 
-    ``crf`` (default 18, visually lossless) applies unless ``bitrate`` (bits/s)
-    is given. Frames keep their pts (rescaled when their time base differs from
-    ``time_base``); frames without pts are timed by ``frame_rate``.
-    ``audio_from`` is a media file whose first audio stream is copied packet for
-    packet (no re-encode), interleaved with the video. ``colorspace``
-    (``"bt709"``/``"bt601"``, see :attr:`FileSource.colorspace`) is the matrix
-    used to convert BGR back to YUV and the tag written into the stream.
-    ``x264_options`` are passed to the encoder as they are (``keyint_min``,
-    ``sc_threshold``, ``x264-params`` ...). ``trim_audio`` drops audio after the
-    last video frame.
+    Rate control as :class:`H264Settings`: ``qp`` (0: lossless), else
+    ``bitrate`` (bits/s), else ``crf`` (default 18). Frames keep their pts
+    (rescaled when their time base differs from ``time_base``); frames without
+    pts are timed by ``frame_rate``. ``audio_from`` is a media file whose first
+    audio stream is copied packet for packet (no re-encode), interleaved with
+    the video. Frames' planes are encoded as they are; ``colour`` is the
+    stream's tag (default: the first frame's), and a frame in another colour
+    space is converted to it. ``x264_options`` are passed to the encoder as
+    they are (``keyint_min``, ``sc_threshold``, ``x264-params`` ...).
+    ``trim_audio`` drops audio after the last video frame.
     """
 
     def __init__(
@@ -58,11 +59,11 @@ class FileSink:
         audio_from: str | os.PathLike[str] | None = None,
         tune: str | None = None,
         *,
-        colorspace: str | None = None,
+        qp: int | None = None,
+        colour: ColourSpace | None = None,
         x264_options: Mapping[str, str] | None = None,
         trim_audio: bool = False,
     ) -> None:
-        check_colorspace(colorspace)
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise OutputError(f"{path}: yuv420p H.264 needs an even, positive size, not {width}x{height}")
         self.path = Path(path)
@@ -70,7 +71,7 @@ class FileSink:
         self.height = height
         self.frame_rate = Fraction(frame_rate).limit_denominator(1001000)
         self.time_base = Fraction(time_base) if time_base is not None else 1 / self.frame_rate
-        self.colorspace = colorspace
+        self.colour = colour
         self.trim_audio = trim_audio
         self.frames_written = 0
         self._last_pts: int | None = None
@@ -88,7 +89,11 @@ class FileSink:
         self._audio_packets: Iterator[av.Packet] | None = None
         self._pending_audio: av.Packet | None = None
         try:
-            self._stream = self._add_video_stream(crf, bitrate, preset, gop, tune, x264_options)
+            self.settings = H264Settings(
+                crf=crf, qp=qp, bitrate=bitrate, preset=preset, tune=tune, gop=gop, options=dict(x264_options or {})
+            )
+            self._stream = self._container.add_stream("libx264", rate=self.frame_rate)
+            self._stream.time_base = self.time_base
             self._audio_stream = self._add_audio_stream(audio_from) if audio_from is not None else None
         except BaseException:
             self._discard()
@@ -96,46 +101,17 @@ class FileSink:
 
     @classmethod
     def like(cls, source: FileSource, path: str | os.PathLike[str], **options: object) -> "FileSink":
-        """A sink with ``source``'s size, frame rate, time base, colour matrix and audio; ``options`` override."""
+        """A sink with ``source``'s size, frame rate, time base, colour space and audio; ``options`` override."""
         settings: dict[str, object] = {
             "width": source.width,
             "height": source.height,
             "frame_rate": source.frame_rate,
             "time_base": source.time_base,
-            "colorspace": source.colorspace,
+            "colour": source.colour,
             "audio_from": source.path if source.has_audio else None,
         }
         settings.update(options)
         return cls(path, **settings)
-
-    def _add_video_stream(
-        self,
-        crf: int,
-        bitrate: int | None,
-        preset: str,
-        gop: int | None,
-        tune: str | None,
-        x264_options: Mapping[str, str] | None,
-    ) -> av.video.stream.VideoStream:
-        stream = self._container.add_stream("libx264", rate=self.frame_rate)
-        stream.width = self.width
-        stream.height = self.height
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = self.time_base
-        stream.codec_context.time_base = self.time_base
-        options = {"preset": preset}
-        if bitrate is not None:
-            stream.codec_context.bit_rate = int(bitrate)
-        else:
-            options["crf"] = str(crf)
-        if tune:
-            options["tune"] = tune
-        if gop is not None:
-            stream.codec_context.gop_size = int(gop)
-        options.update(x264_options or {})
-        stream.codec_context.options = options
-        tag_colorspace(stream.codec_context, self.colorspace)
-        return stream
 
     def _add_audio_stream(self, audio_from: str | os.PathLike[str]) -> av.audio.stream.AudioStream | None:
         try:
@@ -158,11 +134,15 @@ class FileSink:
     # -- writing ------------------------------------------------------------------
 
     def write(self, frame: DecodedFrame) -> None:
-        """Encode one BGR frame."""
-        height, width = frame.image.shape[:2]
-        if (width, height) != (self.width, self.height):
-            raise OutputError(f"{self.path}: frame is {width}x{height}, the sink was opened for {self.width}x{self.height}")
-        picture = yuv420_frame(frame.image, self.colorspace)
+        """Encode one frame's planes (no colour conversion unless its colour space differs from the stream's)."""
+        if (frame.width, frame.height) != (self.width, self.height):
+            raise OutputError(
+                f"{self.path}: frame is {frame.width}x{frame.height}, the sink was opened for {self.width}x{self.height}"
+            )
+        self._open_encoder(frame.colour)
+        if frame.colour != self.colour:
+            frame = frame.with_planes(*convert_planes(*frame.planes, frame.colour, self.colour), colour=self.colour)
+        picture = frame.to_av()
         picture.pts = self._output_pts(frame)
         picture.time_base = self.time_base
         self.encode_picture(picture)
@@ -175,6 +155,7 @@ class FileSink:
         """
         if self._closed:
             raise OutputError(f"{self.path}: sink already closed")
+        self._open_encoder(ColourSpace.of(picture))
         picture.pict_type = av.video.frame.PictureType.NONE
         if picture.pts is None:
             picture.pts = round(self.frames_written / self.frame_rate / self.time_base)
@@ -188,6 +169,14 @@ class FileSink:
             raise OutputError(f"{self.path}: encoding frame {self.frames_written} failed ({ffmpeg_reason(exc)})") from exc
         self._mux_video(packets)
         self.frames_written += 1
+
+    def _open_encoder(self, colour: ColourSpace) -> None:
+        # The stream's codec context opens at its first frame; until then it can still be tagged.
+        if self._stream.codec_context.is_open:
+            return
+        if self.colour is None:
+            self.colour = colour
+        self.settings.configure(self._stream.codec_context, self.width, self.height, self.time_base, self.colour)
 
     def _output_pts(self, frame: DecodedFrame) -> int | None:
         if frame.pts is None:
@@ -237,6 +226,7 @@ class FileSink:
             return
         try:
             try:
+                self._open_encoder(ColourSpace.untagged(self.height))
                 packets = self._stream.encode(None)
             except (av.error.FFmpegError, ValueError) as exc:
                 raise OutputError(f"{self.path}: flushing the encoder failed ({ffmpeg_reason(exc)})") from exc

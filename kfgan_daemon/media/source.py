@@ -28,7 +28,7 @@ import av
 import av.error
 
 from kfgan_daemon.errors import InputError, NoVideoStreamError
-from kfgan_daemon.media.conversion import colorspace_name, to_decoded_frame
+from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.frame import DecodedFrame
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ def _parse_duration_tag(value: str | None) -> float | None:
 class FileSource:
     """A video file decoded frame by frame; a context manager, iterated once.
 
-    Each :class:`DecodedFrame` is BGR uint8 with the decoder's pts and time
-    base; ``is_keyframe`` is the decoder's verdict (picture type I, IDR or not),
+    Each :class:`DecodedFrame` holds the decoded yuv420p planes as they are,
+    in the stream's :attr:`colour` space, with the decoder's pts and time base; ``is_keyframe`` is the decoder's verdict (picture type I, IDR or not),
     ``index`` counts frames in presentation order from 0.
     """
 
@@ -153,9 +153,9 @@ class FileSource:
         return self._stream.codec_context.name
 
     @property
-    def colorspace(self) -> str | None:
-        """``"bt709"``/``"bt601"`` as the stream is tagged (None: untagged); pass it to :class:`FileSink`."""
-        return colorspace_name(self._stream.codec_context)
+    def colour(self) -> ColourSpace:
+        """The stream's colour space as tagged (untagged: the FFmpeg convention for its height)."""
+        return ColourSpace.of(self._stream.codec_context, self.height)
 
     @property
     def complete(self) -> bool:
@@ -165,11 +165,14 @@ class FileSource:
     # -- iteration ----------------------------------------------------------------
 
     def __iter__(self) -> Iterator[DecodedFrame]:
+        stream_colour = self.colour
         for picture in self.pictures():
-            yield to_decoded_frame(picture, self.frames_decoded - 1, time_base=self.time_base)
+            # A picture may lack tags that only the stream carries.
+            colour = ColourSpace.of(picture, fallback=stream_colour)
+            yield DecodedFrame.from_av(picture, self.frames_decoded - 1, time_base=self.time_base, colour=colour)
 
     def pictures(self) -> Iterator[av.VideoFrame]:
-        """The decoded PyAV pictures themselves (no BGR conversion), with the same damage policy."""
+        """The decoded PyAV pictures themselves, with the same damage policy."""
         if self._iterated:
             raise RuntimeError(f"{self.path}: a FileSource is iterated once; open the file again")
         self._iterated = True

@@ -2,9 +2,10 @@
 
 The header says ``C420jpeg``: 4:2:0 planar, which is what FFmpeg's yuv4mpeg
 demuxer assumes when there is no C tag at all and what its own muxer writes for
-yuv420p, so every FFmpeg-based reader takes it without options. Pixels are
-limited range (``XCOLORRANGE=LIMITED``), converted with the BT.601 matrix
-unless told otherwise.
+yuv420p, so every FFmpeg-based reader takes it without options. The planes
+are written as they were decoded, and the range is tagged (``XCOLORRANGE``);
+YUV4MPEG2 has no tag for the matrix, so a reader assumes its own default
+(FFmpeg: BT.601 for SD, BT.709 for HD, the same convention as untagged input).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 
 from kfgan_daemon.errors import OutputError
-from kfgan_daemon.media.conversion import check_colorspace, yuv420_frame
+from kfgan_daemon.media.colour import ColourSpace, convert_planes
 from kfgan_daemon.media.frame import DecodedFrame
 
 
@@ -28,36 +29,40 @@ class Y4MWriter:
         height: int,
         frame_rate: Fraction | int | float,
         *,
-        colorspace: str | None = None,
+        colour: ColourSpace | None = None,
     ) -> None:
-        check_colorspace(colorspace)
         if width <= 0 or height <= 0:
             raise OutputError(f"y4m: invalid frame size {width}x{height}")
         self.stream = stream
         self.width = width
         self.height = height
         self.frame_rate = Fraction(frame_rate).limit_denominator(1001000)
-        self.colorspace = colorspace
+        self.colour = colour  # the first frame's when None
         self.frames_written = 0
         self._header_written = False
 
     def header(self) -> bytes:
         rate = self.frame_rate
+        colour = self.colour or ColourSpace.untagged(self.height)
         return (
             f"YUV4MPEG2 W{self.width} H{self.height} F{rate.numerator}:{rate.denominator} "
-            "Ip A1:1 C420jpeg XYSCSS=420JPEG XCOLORRANGE=LIMITED\n"
+            f"Ip A1:1 C420jpeg XYSCSS=420JPEG {colour.y4m_tags}\n"
         ).encode("ascii")
 
     def write(self, frame: DecodedFrame) -> None:
-        height, width = frame.image.shape[:2]
-        if (width, height) != (self.width, self.height):
-            raise OutputError(f"y4m: frame is {width}x{height}, the stream was opened for {self.width}x{self.height}")
-        picture = yuv420_frame(frame.image, self.colorspace)
+        """Write one frame's planes as they are (converted only if its colour space differs from the stream's)."""
+        if (frame.width, frame.height) != (self.width, self.height):
+            raise OutputError(
+                f"y4m: frame is {frame.width}x{frame.height}, the stream was opened for {self.width}x{self.height}"
+            )
+        if self.colour is None:
+            self.colour = frame.colour
+        planes = frame.planes
+        if frame.colour != self.colour:
+            planes = convert_planes(*planes, frame.colour, self.colour)
         chunks = [] if self._header_written else [self.header()]
         chunks.append(b"FRAME\n")
-        for plane in picture.planes:
-            rows = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-            chunks.append(rows[:, : plane.width].tobytes())
+        chunks.extend(np.ascontiguousarray(plane).tobytes() for plane in planes)
         try:
             self.stream.write(b"".join(chunks))
             self.stream.flush()

@@ -11,9 +11,10 @@ from kfgan_daemon.errors import ModelError
 from kfgan_daemon.model.checkpoint import Checkpoint, load_weights, read_checkpoint, save_safetensors, unwrap_state_dict
 from kfgan_daemon.model.discriminator import MultiScaleDiscriminator
 from kfgan_daemon.model.full import FullGenerator
+from kfgan_daemon.model.guided import GuidedGenerator
 from kfgan_daemon.model.lite import LiteGenerator
 
-VARIANTS = ("full", "lite")
+VARIANTS = ("full", "guided", "lite")
 
 
 def _guess_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -25,6 +26,8 @@ def build_generator(variant: str, config: Mapping[str, object] | None = None) ->
     """An untrained generator of ``variant`` built with ``config`` keywords."""
     if variant == "lite":
         return LiteGenerator(**dict(config or {}))
+    if variant == "guided":
+        return GuidedGenerator(**dict(config or {}))
     if variant == "full":
         return FullGenerator(**dict(config or {}))
     raise ModelError(f"unknown generator variant {variant!r}; expected one of {', '.join(VARIANTS)}")
@@ -57,6 +60,7 @@ __all__ = [
     "VARIANTS",
     "Checkpoint",
     "FullGenerator",
+    "GuidedGenerator",
     "LiteGenerator",
     "MultiScaleDiscriminator",
     "build_generator",

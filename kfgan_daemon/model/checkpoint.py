@@ -40,7 +40,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read ``path`` (.safetensors, or a torch file in the published layout) into a :class:`Checkpoint`."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"{path}: no such checkpoint; {PUBLISHED_HINT}, or use models/kfgan-lite.safetensors")
+        raise ModelError(f"{path}: no such checkpoint; {PUBLISHED_HINT}, or use models/kfgan-guided.safetensors")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     return _read_torch(path)

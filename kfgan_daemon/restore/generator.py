@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,16 +12,23 @@ from kfgan_daemon.restore.job import FaceJob
 
 
 def crops_to_tensor(crops: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """BGR uint8 HxWx3 crops -> N x 3 x H x W RGB float in [0, 1] (the published input convention)."""
-    batch = np.stack(crops)[..., ::-1]
-    tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    """RGB uint8 HxWx3 crops -> N x 3 x H x W RGB float in [0, 1] (the published input convention).
+
+    On a GPU the uint8 batch goes up from pinned host memory without blocking (a
+    quarter of the bytes of floats), and is converted there.
+    """
+    batch = torch.from_numpy(np.stack(crops))
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    tensor = batch.to(device, non_blocking=True)
     return tensor.permute(0, 3, 1, 2).to(dtype).div_(255.0)
 
 
 def tensor_to_crops(tensor: torch.Tensor) -> list[np.ndarray]:
-    """N x 3 x H x W RGB float -> BGR uint8 crops, clamped then rounded as the published code does."""
+    """N x 3 x H x W RGB float -> RGB uint8 crops, clamped then rounded as the published code does
+    (on the tensor's device: only uint8 comes back from a GPU)."""
     array = tensor.detach().float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-    array = array.permute(0, 2, 3, 1).cpu().numpy()[..., ::-1]
+    array = array.permute(0, 2, 3, 1).cpu().numpy()
     return [np.ascontiguousarray(crop) for crop in array]
 
 
@@ -30,7 +38,11 @@ class CropGenerator:
     Not thread-safe: the engine gives each device exactly one inference worker.
     """
 
-    def __init__(self, module: nn.Module, device: str | torch.device = "cpu", half: bool = False) -> None:
+    def __init__(
+        self, module: nn.Module, device: str | torch.device = "cpu", half: bool = False, source: Path | None = None
+    ) -> None:
+        # The checkpoint file the module came from (None: built in code), for reports and /readyz.
+        self.source = source
         self.device = torch.device(device)
         if half and self.device.type == "cpu":
             raise ValueError("half precision needs a CUDA device; use float32 on the CPU")

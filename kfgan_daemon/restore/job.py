@@ -10,7 +10,7 @@ import numpy as np
 class FaceJob:
     """One aligned face ready for the generator.
 
-    All images are 256x256x3 uint8 in BGR order; ``matrix`` maps frame
+    All images are 256x256x3 uint8 in RGB order (the generator's); ``matrix`` maps frame
     coordinates to crop coordinates and is what paste-back inverts.
     """
 
@@ -20,3 +20,6 @@ class FaceJob:
     matrix: np.ndarray
     crop_landmarks: np.ndarray
     key_id: int
+    # The restorer's store epoch when the job was built: it changes whenever the store
+    # was emptied for a new person, so a key id is only meaningful within one epoch.
+    store_epoch: int = 0

@@ -8,21 +8,21 @@ from pathlib import Path
 from kfgan_daemon.errors import ModelError
 from kfgan_daemon.restore.generator import CropGenerator
 
-LITE_MODEL_NAME = "kfgan-lite.safetensors"
+DEFAULT_MODEL_NAME = "kfgan-guided.safetensors"
 MODEL_ENV = "KFGAN_MODEL"
 
 
 def default_model_candidates() -> list[Path]:
-    """Where the shipped lite model may live: a source checkout, then an installed data directory."""
+    """Where the shipped default model may live: a source checkout, then an installed data directory."""
     package_root = Path(__file__).resolve().parents[2]
     return [
-        package_root / "models" / LITE_MODEL_NAME,
-        Path(sys.prefix) / "share" / "kfgan-daemon" / "models" / LITE_MODEL_NAME,
+        package_root / "models" / DEFAULT_MODEL_NAME,
+        Path(sys.prefix) / "share" / "kfgan-daemon" / "models" / DEFAULT_MODEL_NAME,
     ]
 
 
 def resolve_model_path(checkpoint: str | Path | None) -> Path:
-    """The explicit checkpoint, else $KFGAN_MODEL, else the shipped lite model."""
+    """The explicit checkpoint, else $KFGAN_MODEL, else the shipped default model (guided)."""
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
@@ -40,7 +40,7 @@ def resolve_model_path(checkpoint: str | Path | None) -> Path:
     searched = ", ".join(str(p) for p in default_model_candidates())
     raise ModelError(
         f"no model found (looked for {searched}); pass --checkpoint PATH (the published net_g_55000.pth "
-        f"or a model trained with `kfgan-daemon train`), or reinstall the project so that models/{LITE_MODEL_NAME} ships with it"
+        f"or a model trained with `kfgan-daemon train`), or reinstall the project so that models/{DEFAULT_MODEL_NAME} ships with it"
     )
 
 
@@ -49,9 +49,23 @@ def open_generator(
     variant: str | None = None,
     device: str = "cpu",
     half: bool = False,
+    runtime: str = "torch",
+    threads: int = 1,
 ) -> CropGenerator:
-    from kfgan_daemon.model import load_generator
+    """The generator of ``checkpoint`` (default: see :func:`resolve_model_path`), ready for batches of jobs.
 
+    ``runtime="onnxruntime"`` (CPU only) runs it under ONNX Runtime on ``threads``
+    threads (see :mod:`kfgan_daemon.restore.onnx_generator`).
+    """
+    from kfgan_daemon.model import load_generator
+    from kfgan_daemon.restore.onnx_generator import RUNTIMES, OnnxCropGenerator
+
+    if runtime not in RUNTIMES:
+        raise ModelError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime" and (device != "cpu" or half):
+        raise ModelError("runtime 'onnxruntime' runs on the CPU in float32; use --runtime torch for cuda or --half")
     path = resolve_model_path(checkpoint)
     module = load_generator(path, variant=variant, device=device)
-    return CropGenerator(module, device=device, half=half)
+    if runtime == "onnxruntime":
+        return OnnxCropGenerator(module, threads=threads, source=path.resolve())  # type: ignore[return-value]
+    return CropGenerator(module, device=device, half=half, source=path.resolve())

@@ -5,18 +5,46 @@ without an event loop; the streaming engine only decides when each step runs.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from kfgan_daemon.face import AlignedFace, FaceTracker, align_face, landmark_image, mls_warp, paste_back
+from kfgan_daemon.face import (
+    AlignedFace,
+    FaceTracker,
+    LandmarkSmoother,
+    OneEuroSettings,
+    align_frame,
+    landmark_image,
+    mls_warp,
+    paste_face,
+)
+from kfgan_daemon.face.identity import FaceDescriber
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore.generator import CropGenerator
+from kfgan_daemon.restore.identity import IdentityWatch
 from kfgan_daemon.restore.job import FaceJob
 from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.restore.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+SkipReason = Literal["no_face", "no_keyframe"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Correction:
+    """What the last restored frame changed, kept to carry onto frames that cannot be restored in time."""
+
+    restored: np.ndarray  # RGB crops
+    compressed: np.ndarray
+    store_epoch: int
+    time: float  # stream seconds
+
 
 @dataclass
 class RestoreStats:
@@ -27,6 +55,9 @@ class RestoreStats:
     no_keyframe: int = 0
     keyframes_seen: int = 0
     keyframes_stored: int = 0
+    store_clears: int = 0
+    carried_forward: int = 0
+    shed: int = 0  # too late to restore, nothing to carry (live engine only); passed_through: no face/keyframe
     timer: StageTimer = field(default_factory=StageTimer)
 
 class StreamRestorer:
@@ -47,7 +78,17 @@ class StreamRestorer:
         )
         self.store = store or KeyframeStore(self.settings.keyframe_store_size, policy=self.settings.keyframe_policy)
         self.stats = RestoreStats()
+        self.smoother = landmark_smoother(self.settings)
+        describer = FaceDescriber(self.settings.descriptor_path) if self.settings.identity_check else None
+        self.identity = IdentityWatch(describer, self.settings.identity_lost_seconds, self.settings.identity_distance)
+        # Bumped every time the store is emptied for a new person; jobs carry it.
+        self.store_epoch = 0
         self._last_crop_landmarks: np.ndarray | None = None
+        # Why the last prepare() returned None.
+        self.skip_reason: SkipReason | None = None
+        self._correction: _Correction | None = None
+        # The alignment of the last frame whose face was followed (None: no face there).
+        self._last_matrix: np.ndarray | None = None
 
     @property
     def needs_keyframe(self) -> bool:
@@ -67,28 +108,21 @@ class StreamRestorer:
 
         Returns None when the frame must pass through untouched (no face, or no keyframe yet).
         """
-        self.stats.frames += 1
         timer = self.stats.timer
-        if frame.is_keyframe:
-            self.stats.keyframes_seen += 1
-        with timer.stage("track"):
-            landmarks = self.tracker.update(frame.image)
-        if landmarks is None:
-            self._last_crop_landmarks = None
+        aligned = self._follow(frame)
+        if aligned is None:
             self.stats.no_face += 1
             self.stats.passed_through += 1
+            self.skip_reason = "no_face"
             return None
-        with timer.stage("align"):
-            aligned = align_face(frame.image, landmarks)
-        self._last_crop_landmarks = aligned.crop_landmarks
-        if frame.is_keyframe:
-            self._offer(frame, aligned)
         with timer.stage("select"):
             entry = self.store.select(aligned.crop_landmarks)
         if entry is None:
             self.stats.no_keyframe += 1
             self.stats.passed_through += 1
+            self.skip_reason = "no_keyframe"
             return None
+        self.skip_reason = None
         with timer.stage("warp"):
             reference = mls_warp(entry.crop, entry.landmarks, aligned.crop_landmarks, mode=self.settings.warp_mode)
             marks = landmark_image(aligned.crop_landmarks)
@@ -99,6 +133,7 @@ class StreamRestorer:
             matrix=aligned.matrix,
             crop_landmarks=aligned.crop_landmarks,
             key_id=entry.key_id,
+            store_epoch=self.store_epoch,
         )
 
     def observe_keyframe(self, frame: DecodedFrame) -> None:
@@ -106,26 +141,117 @@ class StreamRestorer:
         if not frame.is_keyframe:
             return
         self.stats.keyframes_seen += 1
-        with self.stats.timer.stage("track"):
-            landmarks = self.tracker.update(frame.image)
+        aligned = self._locate(frame)
+        if aligned is not None:
+            self._offer(frame, aligned)
+
+    def locate(self, frame: DecodedFrame) -> np.ndarray | None:
+        """The cheap path of a frame that will not be restored: follow the face (an I-frame is
+        offered to the store) and return its frame -> crop matrix, or None without a face."""
+        aligned = self._follow(frame)
+        return None if aligned is None else aligned.matrix
+
+    def _follow(self, frame: DecodedFrame) -> AlignedFace | None:
+        """Count the frame, locate the face, remember where it is, and offer an I-frame's crop to the store."""
+        self.stats.frames += 1
+        if frame.is_keyframe:
+            self.stats.keyframes_seen += 1
+        aligned = self._locate(frame)
+        self._last_crop_landmarks = None if aligned is None else aligned.crop_landmarks
+        self._last_matrix = None if aligned is None else aligned.matrix
+        if aligned is not None and frame.is_keyframe:
+            self._offer(frame, aligned)
+        return aligned
+
+    def _locate(self, frame: DecodedFrame) -> AlignedFace | None:
+        """Track, steady and align the face; empty the store when the person changed."""
+        timer = self.stats.timer
+        with timer.stage("track"):
+            landmarks = self.tracker.update(frame.luma)
+        timestamp = stream_time(frame)
+        if self.smoother is not None:
+            landmarks = self.smoother.follow(landmarks, timestamp, new_face=self.tracker.source == "detected")
         if landmarks is None:
-            return
-        self._offer(frame, align_face(frame.image, landmarks))
+            if self.identity.face_missing(timestamp):
+                self._clear_store()
+            return None
+        if self.identity.face_present(timestamp):
+            self._clear_store()
+        with timer.stage("align"):
+            aligned = align_frame(frame, landmarks, mode=self.settings.alignment)
+        # A descriptor costs ~70 ms on a CPU core, so it is computed only where the person can
+        # have changed unnoticed: a face found afresh, and an I-frame about to enter the store.
+        if self.tracker.source == "detected" or frame.is_keyframe:
+            with timer.stage("identity"):
+                if self.identity.changed(aligned.crop, aligned.crop_landmarks):
+                    self._clear_store()
+        return aligned
+
+    def _clear_store(self) -> None:
+        if len(self.store):
+            self.store.clear()
+            self.stats.store_clears += 1
+            log.info("keyframe store emptied: the face changed identity (epoch %d)", self.store_epoch + 1)
+        self.store_epoch += 1
 
     def _offer(self, frame: DecodedFrame, aligned: AlignedFace) -> None:
         if self.store.offer(frame.index, aligned.crop_landmarks, aligned.crop):
             self.stats.keyframes_stored += 1
 
     def complete(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> DecodedFrame:
-        """Blend the restored crop back into the frame."""
+        """Paste the restored crop back into a copy of the frame (only the pixels under the mask change)."""
         with self.stats.timer.stage("paste"):
-            image = paste_back(frame.image, restored_crop, job.matrix)
+            restored = paste_face(
+                frame,
+                restored_crop,
+                job.matrix,
+                compressed=job.compressed,
+                mode=self.settings.paste_mode,
+                mask=self.settings.paste_mask,
+            )
         self.stats.restored += 1
-        return frame.with_image(image)
+        self._correction = _Correction(restored_crop, job.compressed, job.store_epoch, stream_time(frame))
+        return restored
+
+    @property
+    def can_carry_forward(self) -> bool:
+        """True when a restored frame's correction is there to carry (its age is judged per frame)."""
+        correction = self._correction
+        return correction is not None and correction.store_epoch == self.store_epoch
+
+    def carry_forward(self, frame: DecodedFrame, matrix: np.ndarray | None = None) -> DecodedFrame | None:
+        """A copy of ``frame`` with the last restored frame's correction pasted at this frame's face
+        (``matrix``, frame -> crop), or None when there is none fit to carry: no restored frame yet,
+        another person since, or older than ``settings.carry_forward_seconds`` of stream time.
+
+        The correction (restored minus compressed crop) lives in crop space, so the alignment
+        moves it with the face; it is always pasted as a correction, whatever ``paste_mode``:
+        an old restored face pasted whole would show the old expression. Without ``matrix``
+        (no time to follow this frame's face) the last followed frame's alignment is used.
+        """
+        correction = self._correction
+        if matrix is None:
+            matrix = self._last_matrix
+        if correction is None or matrix is None or correction.store_epoch != self.store_epoch:
+            return None
+        if abs(stream_time(frame) - correction.time) > self.settings.carry_forward_seconds:
+            return None
+        with self.stats.timer.stage("carry_forward"):
+            carried = paste_face(
+                frame,
+                correction.restored,
+                matrix,
+                compressed=correction.compressed,
+                mode="correction",
+                mask=self.settings.paste_mask,
+            )
+        self.stats.carried_forward += 1
+        return carried
 
     def pass_through(self, frame: DecodedFrame) -> DecodedFrame:
-        """Count a frame the engine decided to send unrestored (overload) and return it unchanged."""
-        self.stats.passed_through += 1
+        """Count a frame the engine sent unrestored because it was too late, with nothing to carry
+        forward ("shed"), and return it unchanged."""
+        self.stats.shed += 1
         return frame
 
     def restore(self, frame: DecodedFrame, generator: CropGenerator) -> DecodedFrame:
@@ -136,3 +262,16 @@ class StreamRestorer:
         with self.stats.timer.stage("generator"):
             (crop,) = generator([job])
         return self.complete(frame, job, crop)
+
+
+def landmark_smoother(settings: RestoreSettings) -> LandmarkSmoother | None:
+    """The landmark filter ``settings`` ask for (None: landmarks are used as the tracker gives them)."""
+    if not settings.smooth_landmarks:
+        return None
+    return LandmarkSmoother(OneEuroSettings(settings.smoothing_min_cutoff, settings.smoothing_beta))
+
+
+def stream_time(frame: DecodedFrame) -> float:
+    """Seconds of stream time; frames without timestamps count at 25 per second."""
+    time = frame.time
+    return time if time is not None else frame.index / 25.0

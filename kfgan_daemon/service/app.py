@@ -2,6 +2,7 @@
 
 Routes::
 
+    GET    /               the demo page (camera in, restored video out; no token needed)
     POST   /offer          {"sdp": ..., "type": "offer"} -> {"sdp": ..., "type": "answer", "session": id}
     GET    /streams        every live session and its engine streams
     GET    /streams/{id}   one session
@@ -12,6 +13,11 @@ Routes::
 
 Every error is JSON, ``{"error": message, "reason": short_code}``, and is
 counted in ``kfgan_http_request_errors_total{route, reason}``.
+
+Pages on the origins listed in ``cors_origins`` may call every endpoint
+(aiohttp-cors answers their preflights); other origins get no CORS headers,
+and since ``/offer`` takes only ``application/json``, a page elsewhere cannot
+reach it without a preflight either.
 """
 from __future__ import annotations
 
@@ -21,20 +27,24 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from aiohttp import web
+import aiohttp_cors
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kfgan_daemon.engine import StreamEngine
 from kfgan_daemon.service.config import Settings
+from kfgan_daemon.service.demo import PUBLIC_PATHS, add_demo_routes
 from kfgan_daemon.service.metrics import ServiceMetrics
+from kfgan_daemon.service.ratelimit import AddressRateLimit
 from kfgan_daemon.service.sessions import OfferError, SessionManager
 from kfgan_daemon.service.vcam import VirtualCameraMirror
 
 log = logging.getLogger(__name__)
 
 # Probes must work without the token: systemd, Docker and load balancers call them.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# The demo page holds no secret; the person using it types the token.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | PUBLIC_PATHS
 
 
 class OfferRequest(BaseModel):
@@ -70,6 +80,7 @@ class ServiceState:
 
 
 STATE_KEY = web.AppKey("kfgan_state", ServiceState)
+OFFER_LIMIT_KEY = web.AppKey("kfgan_offer_limit", AddressRateLimit)
 
 
 def error_response(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -81,7 +92,8 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-_REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+_REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+            413: "too_large"}
 
 
 @web.middleware
@@ -115,7 +127,8 @@ def _passed_headers(exc: web.HTTPException) -> dict[str, str]:
 @web.middleware
 async def bearer_token(request: web.Request, handler) -> web.StreamResponse:
     token = request.app[STATE_KEY].settings.token
-    if token is None or request.path in OPEN_PATHS:
+    # Browsers never send credentials on a CORS preflight; aiohttp-cors answers it by the origin list alone.
+    if token is None or request.path in OPEN_PATHS or _is_preflight(request):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
@@ -124,6 +137,11 @@ async def bearer_token(request: web.Request, handler) -> web.StreamResponse:
         message = "missing bearer token" if not header else "wrong bearer token"
         return _tagged(error_response(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer realm="kfgan-daemon"'}), "unauthorized")
     return await handler(request)
+
+
+def _is_preflight(request: web.Request) -> bool:
+    return (request.method == hdrs.METH_OPTIONS and hdrs.ORIGIN in request.headers
+            and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers)
 
 
 def _tagged(response: web.Response, reason: str) -> web.Response:
@@ -140,6 +158,18 @@ def _fail(status: int, reason: str, message: str) -> web.Response:
 
 async def offer(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
+    rate_limit = request.app.get(OFFER_LIMIT_KEY)
+    if rate_limit is not None and (wait := rate_limit.hit(request.remote or "unknown")) is not None:
+        state.metrics.offers.labels("rejected").inc()
+        response = _fail(429, "rate_limited", f"too many offers from {request.remote}: at most {rate_limit.rate} "
+                                              f"(offer_rate_limit); retry in {wait} s")
+        response.headers["Retry-After"] = str(wait)
+        return response
+    if request.content_type != "application/json":
+        # A cross-origin page may POST text/plain without a preflight: such an offer must not create a session.
+        state.metrics.offers.labels("rejected").inc()
+        return _fail(415, "unsupported_media_type",
+                     f"send the offer as Content-Type: application/json, not {request.content_type}")
     limit = state.settings.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         state.metrics.offers.labels("rejected").inc()
@@ -213,6 +243,11 @@ async def readyz(request: web.Request) -> web.Response:
         body["detail"] = state.detail
     if state.model:
         body["model"] = state.model
+    if state.ready and state.engine is not None and not state.engine.inference.running:
+        # A dead worker is restarted within seconds; meanwhile new calls would go out unrestored.
+        body["status"] = "restarting"
+        body["detail"] = "the inference worker stopped unexpectedly and is being restarted"
+        return web.json_response(body, status=503)
     if state.ready:
         body["streams"] = len(state.sessions.sessions)
         return web.json_response(body)
@@ -233,6 +268,9 @@ def create_app(state: ServiceState) -> web.Application:
         middlewares=[errors_and_metrics, bearer_token],
     )
     app[STATE_KEY] = state
+    if state.settings.offer_rate_limit is not None:
+        app[OFFER_LIMIT_KEY] = AddressRateLimit(state.settings.offer_rate_limit)
+    add_demo_routes(app)
     app.router.add_post("/offer", offer)
     app.router.add_get("/streams", list_streams)
     app.router.add_get("/streams/{id}", inspect_stream)
@@ -240,4 +278,19 @@ def create_app(state: ServiceState) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if state.settings.cors_origins:
+        _allow_origins(app, state.settings.cors_origins)
     return app
+
+
+def _allow_origins(app: web.Application, origins: list[str]) -> None:
+    """CORS on every route for exactly these origins; the token still travels in ``Authorization``, never cookies."""
+    options = aiohttp_cors.ResourceOptions(
+        allow_credentials=False,
+        allow_headers=(hdrs.AUTHORIZATION, hdrs.CONTENT_TYPE),
+        expose_headers=(hdrs.LOCATION, hdrs.RETRY_AFTER, hdrs.WWW_AUTHENTICATE),
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        cors.add(route)

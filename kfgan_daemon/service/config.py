@@ -34,6 +34,8 @@ _config_file: ContextVar[Path | None] = ContextVar("kfgan_config_file", default=
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 _VIRTUAL_CAMERA = re.compile(r"^(v4l2:)?(/dev/video\d+)$")
 _ICE_URL = re.compile(r"^stuns?:[^\s]+$")
+# What a browser sends in its Origin header: scheme, host, optional port, nothing else.
+_ORIGIN = re.compile(r"^https?://[a-z0-9.\-]+(:\d{1,5})?$|^https?://\[[0-9a-f:.]+\](:\d{1,5})?$")
 
 
 class Settings(BaseSettings):
@@ -55,10 +57,16 @@ class Settings(BaseSettings):
     )
     max_streams: int = Field(4, ge=1, le=256, description="concurrent WebRTC streams; more are refused with 503")
     stun_servers: list[str] = Field(default_factory=list, description="STUN URLs for ICE (none on a LAN)")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins (https://host[:port]) whose pages may call the API; none by default"
+    )
+    offer_rate_limit: str | None = Field(
+        "30/minute", description="offers one client address may make, e.g. 30/minute or 5/second; empty: no limit"
+    )
 
     # model
     model: Path | None = Field(None, description="generator checkpoint; the shipped lite model when unset")
-    variant: Literal["full", "lite"] | None = Field(None, description="architecture when the checkpoint does not say")
+    variant: Literal["full", "guided", "lite"] | None = Field(None, description="architecture when the checkpoint does not say")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
     half: bool = Field(False, description="float16 inference (CUDA only)")
     warmup: bool = Field(True, description="run one generator batch before reporting ready")
@@ -79,8 +87,34 @@ class Settings(BaseSettings):
     keyframe_store_size: int = Field(10, ge=1, le=100)
     keyframe_policy: Literal["lfu", "max_distance"] = "lfu"
     warp_mode: Literal["fast", "published"] = "fast"
+    paste_mode: Literal["correction", "replace"] = Field(
+        "correction",
+        description="correction: add the generator's change to the frame's own pixels; replace: the published full paste",
+    )
     predictor_path: Path | None = None
     detector_path: Path | None = None
+    alignment: Literal["subpixel", "published"] = Field(
+        "subpixel", description="subpixel: the crop follows the face smoothly; published: integer eye centres (parity)"
+    )
+    smooth_landmarks: bool = Field(True, description="One Euro filter on the landmarks (steadier crops, less shimmer)")
+    identity_lost_seconds: float = Field(
+        2.0, ge=0.0, le=3600.0, description="a face gone this long empties the stream's keyframe store"
+    )
+    identity_check: bool = Field(
+        True, description="empty the keyframe store when a newly found face is another person (dlib face descriptor)"
+    )
+    identity_distance: float = Field(
+        0.6, gt=0.0, le=2.0, description="descriptor distance beyond which it is another person"
+    )
+    descriptor_path: Path | None = None
+
+    # dead and never-connected callers
+    connect_timeout: float = Field(
+        10.0, ge=1.0, le=300.0, description="seconds an answered offer may take to connect before its slot is freed"
+    )
+    media_timeout: float = Field(
+        3.0, ge=0.5, le=300.0, description="seconds without any media or RTCP from a connected caller before it is hung up"
+    )
 
     # WebRTC keyframe requests
     pli_distance_threshold: float = Field(12.0, gt=0.0, description="landmark distance (crop px) that asks for a PLI")
@@ -109,7 +143,7 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get()))
 
     @field_validator("log_level", "log_format", "overload_policy", "detector", "keyframe_policy", "warp_mode",
-                     "variant", mode="before")
+                     "paste_mode", "variant", mode="before")
     @classmethod
     def _lower_case(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
@@ -121,7 +155,7 @@ class Settings(BaseSettings):
             raise ValueError(f"expected cpu, cuda, cuda:N or mps, got {value!r}")
         return value
 
-    @field_validator("model", "predictor_path", "detector_path")
+    @field_validator("model", "predictor_path", "detector_path", "descriptor_path")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
         if value is None:
@@ -154,6 +188,34 @@ class Settings(BaseSettings):
         for url in value:
             if not _ICE_URL.match(url):
                 raise ValueError(f"expected stun:HOST[:PORT] URLs, got {url!r}")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin == "*":
+                raise ValueError("list each origin allowed to call the daemon; '*' would let any web page in")
+            if not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"expected origins like https://app.example.com:8443 (lower case, no path or trailing slash), "
+                    f"got {origin!r}"
+                )
+        return value
+
+    @field_validator("offer_rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        import limits
+
+        try:
+            amount = limits.parse(value).amount
+        except ValueError:
+            amount = 0
+        if amount < 1:
+            raise ValueError(f"expected COUNT/second, COUNT/minute or COUNT/hour with COUNT >= 1, got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -193,9 +255,16 @@ class Settings(BaseSettings):
             keyframe_store_size=self.keyframe_store_size,
             keyframe_policy=self.keyframe_policy,
             warp_mode=self.warp_mode,
+            paste_mode=self.paste_mode,
             pli_distance_threshold=self.pli_distance_threshold,
             predictor_path=self.predictor_path,
             detector_path=self.detector_path,
+            alignment=self.alignment,
+            smooth_landmarks=self.smooth_landmarks,
+            identity_lost_seconds=self.identity_lost_seconds,
+            identity_check=self.identity_check,
+            identity_distance=self.identity_distance,
+            descriptor_path=self.descriptor_path,
         )
 
 

@@ -169,6 +169,9 @@ async def run_server(
         metrics.model.info(state.model)
         engine = StreamEngine(generator, engine_settings(settings), registry=metrics.registry)
         await engine.start()
+        if settings.warmup:
+            # a detector per face thread now, while no call is live (dlib holds the GIL to build one)
+            await engine.warm_up(settings.restore_settings())
         state.engine = engine
         state.set_status("ready")
         log.info("ready in %.1f s (model %s on %s)", time.perf_counter() - started, state.model.get("path"), settings.device)
@@ -224,8 +227,10 @@ def _base_url(runner: web.AppRunner, settings: Settings) -> str:
 def _model_description(settings: Settings, generator: object) -> dict[str, str]:
     module = getattr(generator, "module", None)
     parameters = sum(p.numel() for p in module.parameters()) if module is not None else 0
+    source = getattr(generator, "source", None)
     return {
-        "path": str(settings.model) if settings.model is not None else "default",
+        # The file actually loaded (the shipped model, $KFGAN_MODEL or the configured one), not the setting.
+        "path": str(source) if source is not None else str(settings.model or "built in code"),
         "architecture": type(module).__name__ if module is not None else type(generator).__name__,
         "parameters": str(parameters),
         "device": settings.device,

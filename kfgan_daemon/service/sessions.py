@@ -23,13 +23,15 @@ from aiortc.sdp import SessionDescription
 from kfgan_daemon.engine import Outcome, StreamEngine
 from kfgan_daemon.errors import EngineError, KfganError
 from kfgan_daemon.service.config import Settings
+from kfgan_daemon.service.heap import trim_heap
 from kfgan_daemon.webrtc import RestoredVideoTrack
 
 log = logging.getLogger(__name__)
 
-# A peer that has not connected this long after its offer was answered is
-# abandoned, so that offers alone cannot hold streams forever.
-CONNECT_TIMEOUT = 30.0
+# How often a connected session's traffic counters are read to tell a dead caller.
+_LIVENESS_INTERVAL = 0.5
+# Seconds after a session closed (its objects freed by then) to give free heap back to the OS.
+_TRIM_DELAY = 1.0
 
 
 class OfferError(KfganError):
@@ -52,6 +54,8 @@ class PeerSession:
     tracks: list[RestoredVideoTrack] = field(default_factory=list)
     sinks: list[MediaBlackhole] = field(default_factory=list)
     closed: bool = False
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    watch: asyncio.Task[None] | None = None  # connect timeout, then dead-caller detection
 
     def describe(self) -> dict[str, Any]:
         streams = []
@@ -60,7 +64,9 @@ class PeerSession:
             requester = track.keyframe_requester
             info["frames_in"] = track.frames_in
             info["frames_out"] = track.frames_out
+            info["frames_out_by_outcome"] = dict(track.outcomes_out)
             info["pli_sent"] = requester.sent if requester is not None else 0
+            info["receive_dropped"] = track.frames_dropped_on_receive
             streams.append(info)
         return {
             "id": self.id,
@@ -93,6 +99,7 @@ class SessionManager:
         self._ids = itertools.count(1)
         self._accepting = True
         self._background: set[asyncio.Task[Any]] = set()
+        self._trim: asyncio.TimerHandle | None = None
 
     @property
     def accepting(self) -> bool:
@@ -113,6 +120,10 @@ class SessionManager:
         engine = self._engine()
         if engine is None or not engine.running:
             raise OfferError("the model is still loading; retry when /readyz says ready", status=503, reason="not_ready")
+        if not engine.inference.running:
+            raise OfferError(
+                "the inference worker is being restarted; retry when /readyz says ready", status=503, reason="not_ready"
+            )
         if len(self.sessions) >= self.settings.max_streams:
             raise OfferError(
                 f"{self.settings.max_streams} streams are live already (max_streams)", status=503, reason="capacity"
@@ -148,7 +159,9 @@ class SessionManager:
         async def on_state() -> None:
             state = session.pc.connectionState
             log.info("session %s: connection %s", session.id, state)
-            if state in ("failed", "closed"):
+            if state == "connected":
+                session.connected.set()
+            elif state in ("failed", "closed"):
                 await self.close(session.id)
 
         try:
@@ -163,7 +176,7 @@ class SessionManager:
         except Exception as exc:  # aiortc raises ValueError, AssertionError, ... on bad SDP
             await self.close(session.id)
             raise OfferError(f"the offer's SDP was rejected: {_describe(exc)}", reason="bad_sdp") from None
-        self._spawn(self._reap_if_unconnected(session))
+        session.watch = self._spawn(self._watch(session))
         log.info("session %s: answered offer from %s with %d video track(s)", session.id, remote, len(session.tracks))
         return session, session.pc.localDescription
 
@@ -189,12 +202,27 @@ class SessionManager:
         if session is None or session.closed:
             return False
         session.closed = True
-        await asyncio.gather(*(track.aclose(drain=drain, timeout=timeout) for track in session.tracks),
-                             return_exceptions=True)
-        await asyncio.gather(*(sink.stop() for sink in session.sinks), return_exceptions=True)
-        await session.pc.close()
-        if self._on_session_closed is not None:
-            self._on_session_closed(session)
+        if session.watch is not None and session.watch is not asyncio.current_task():
+            session.watch.cancel()
+        try:
+            await asyncio.gather(*(track.aclose(drain=drain, timeout=timeout) for track in session.tracks),
+                                 return_exceptions=True)
+            await asyncio.gather(*(sink.stop() for sink in session.sinks), return_exceptions=True)
+            await session.pc.close()
+            if self._on_session_closed is not None:
+                self._on_session_closed(session)
+        finally:
+            # The event handlers close over the session and the session holds the peer
+            # connection: without this cycle everything (codecs and their threads included)
+            # is freed as soon as the last reference goes, not at some later gc.
+            _unhook(session.pc)
+            for track in session.tracks:
+                track.remove_all_listeners()
+            session.tracks.clear()
+            session.sinks.clear()
+            session.watch = None
+        if self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(_TRIM_DELAY, self._trim_heap)
         log.info("session %s: closed", session.id)
         return True
 
@@ -202,20 +230,54 @@ class SessionManager:
         """Close every session; with ``drain``, frames already in the engine are still sent first."""
         await asyncio.gather(*(self.close(sid, drain=drain, timeout=timeout) for sid in list(self.sessions)),
                              return_exceptions=True)
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def _reap_if_unconnected(self, session: PeerSession) -> None:
-        await asyncio.sleep(CONNECT_TIMEOUT)
-        if not session.closed and session.pc.connectionState != "connected":
-            log.warning("session %s: not connected after %.0f s, closing it", session.id, CONNECT_TIMEOUT)
-            await self.close(session.id)
+    async def _watch(self, session: PeerSession) -> None:
+        """Free the slot of a caller that never connects, or that stops sending anything once connected.
 
-    def _spawn(self, coro) -> None:
+        A killed caller says nothing: ICE consent would only expire after 30 s.
+        Every datagram of the session (media, RTCP, DTLS) is counted by the
+        transport, and a connected caller sends RTCP reports every second or so
+        even without media, so ``media_timeout`` seconds without any is a dead caller.
+        """
+        connect_timeout = self.settings.connect_timeout
+        try:
+            await asyncio.wait_for(session.connected.wait(), connect_timeout)
+        except TimeoutError:
+            log.warning("session %s: not connected %.1f s after its offer was answered, closing it",
+                        session.id, connect_timeout)
+            await self.close(session.id)
+            return
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.media_timeout
+        interval = min(_LIVENESS_INTERVAL, timeout / 4)
+        received, since = -1, loop.time()
+        while not session.closed:
+            await asyncio.sleep(interval)
+            count = await _datagrams_received(session.pc)
+            now = loop.time()
+            if count != received:
+                received, since = count, now
+            elif now - since >= timeout:
+                log.warning("session %s: nothing received from the caller for %.1f s, hanging up",
+                            session.id, now - since)
+                await self.close(session.id)
+                return
+
+    def _trim_heap(self) -> None:
+        self._trim = None
+        self._spawn(asyncio.to_thread(trim_heap))
+
+    def _spawn(self, coro) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
 
 def _video_sections(sdp: str) -> int:
@@ -234,6 +296,30 @@ def _video_sections(sdp: str) -> int:
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+async def _datagrams_received(pc: RTCPeerConnection) -> int:
+    """Datagrams (media, RTCP, DTLS) the peer connection's transports have received so far."""
+    report = await pc.getStats()
+    return sum(getattr(stats, "packetsReceived", 0) for stats in report.values() if stats.type == "transport")
+
+
+def _unhook(pc: RTCPeerConnection) -> None:
+    """Drop every event listener of a closed peer connection and of its transports.
+
+    aiortc registers the connection's own bound methods on its ICE and DTLS
+    transports (state changes) and clears only the connection's listeners on
+    close, so each closed connection stays alive in a reference cycle, with
+    its codecs and their threads, until the garbage collector happens to run.
+    """
+    pc.remove_all_listeners()
+    transports = {pc.sctp.transport} if pc.sctp is not None else set()
+    for transceiver in pc.getTransceivers():
+        transports |= {transceiver.sender.transport, transceiver.receiver.transport}
+    for dtls in transports - {None}:
+        dtls.remove_all_listeners()
+        dtls.transport.remove_all_listeners()
+        dtls.transport.iceGatherer.remove_all_listeners()
 
 
 def _receiver_of(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtpReceiver | None:

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 import av
 
 from kfgan_daemon.errors import OutputError
+from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.frame import DecodedFrame
+from kfgan_daemon.webrtc.transformer import WEBRTC_UNTAGGED_COLOUR
 
 if TYPE_CHECKING:
     from kfgan_daemon.media import VirtualCameraSink
@@ -69,12 +71,12 @@ class VirtualCameraMirror:
 
     def _write(self, frame: av.VideoFrame) -> None:
         try:
-            image = frame.to_ndarray(format="bgr24")
-            height, width = image.shape[:2]
-            if self._sink is None or (self._sink.width, self._sink.height) != (width, height):
-                self._open(width, height)
+            # The mirror sees WebRTC pictures: untagged ones are BT.601, as browsers make them.
+            decoded = DecodedFrame.from_av(frame, colour=ColourSpace.of(frame, fallback=WEBRTC_UNTAGGED_COLOUR))
+            if self._sink is None or (self._sink.width, self._sink.height) != (decoded.width, decoded.height):
+                self._open(decoded.width, decoded.height)
             assert self._sink is not None
-            self._sink.write(DecodedFrame(image, frame.pts, frame.time_base, False))
+            self._sink.write(decoded)
             self.metrics.virtual_camera_frames.inc()
         except OutputError as exc:
             # The camera is an extra: report once and keep serving WebRTC.

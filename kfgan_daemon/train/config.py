@@ -21,10 +21,34 @@ class RunSettings(_Section):
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None keeps torch's default
 
 
+class DatasetSettings(_Section):
+    """How ``kfgan-daemon dataset build --config FILE`` makes ``data.dir`` (see train/dataset.py)."""
+
+    videos: Path = Path("../shared/media")
+    crfs: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    keyint_seconds: float = Field(default=1.0, gt=0)
+    sample_every: int = Field(default=5, ge=1)
+    sample_offset: int = Field(default=5, ge=0)
+    max_frames: int | None = Field(default=None, ge=1)  # per video: more people beat longer clips
+    preset: str = "medium"
+    # Who appears in more than one video (person -> videos); anyone else is their video's own person.
+    persons: dict[str, list[str]] = Field(default_factory=dict)
+    validation: list[str] = Field(default_factory=list)  # persons that choose the checkpoint
+    test: list[str] = Field(default_factory=list)  # persons held out for `kfgan-daemon eval`, never built
+    workers: int = Field(default=1, ge=1)
+
+
 class DataSettings(_Section):
     dir: Path = Path("data/lite-crf42-hq")
     patch_size: int = Field(default=256, ge=16, le=256, multiple_of=16)
+    # Training draws each sample with one of these references ("hq": the original I-frame,
+    # "stream": the decoded one); validation reports each mode and chooses on their mean.
+    reference_modes: list[Literal["hq", "stream"]] = Field(default_factory=lambda: ["hq"], min_length=1)
+    # hq samples on an I-frame have the target itself as reference: only copying to learn.
     exclude_self_reference: bool = True
+    # Adds, for every sample on an I-frame, one whose input is the original crop (a good
+    # frame, as a high-quality I-frame arrives): the model must leave it as it is.
+    clean_keyframes: bool = False
     shift: int = Field(default=16, ge=0, le=64)
     rotate: bool = True
     cutout_probability: float = Field(default=0.3, ge=0.0, le=1.0)
@@ -32,7 +56,7 @@ class DataSettings(_Section):
 
 
 class ModelSettings(_Section):
-    variant: Literal["lite", "full"] = "lite"
+    variant: Literal["lite", "guided", "full"] = "lite"
     config: dict[str, Any] = Field(default_factory=dict)  # generator constructor keywords
     init: Path | None = None  # weights to start from (published .pth or our .safetensors)
 
@@ -88,6 +112,7 @@ class ExportSettings(_Section):
 
 class TrainConfig(_Section):
     run: RunSettings = Field(default_factory=RunSettings)
+    dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     loss: LossSettings = Field(default_factory=lambda: LossSettings(charbonnier=1.0))

@@ -1,50 +1,70 @@
 """Training samples from real talking-head videos, made the way the daemon sees a call.
 
-For each high-quality video and CRF: encode it with libx264 (fixed keyframe interval),
-decode original and compressed in lockstep, track the face on the compressed frames,
-keep I-frame crops in a :class:`KeyframeStore` (LFU, as in the paper), and for every
-sampled frame write the degraded crop, the chosen keyframe MLS-warped onto the
-frame's landmarks, and the ground truth aligned with the same matrix.
+For each high-quality video and CRF: encode it with libx264 (fixed keyframe interval)
+from the video's own decoded YUV planes, decode original and compressed in lockstep,
+track the face on the compressed luma as the restorer does (same smoothing, same
+alignment), keep I-frame crops in a :class:`KeyframeStore` (LFU, as in the paper), and
+for every sampled frame write the degraded crop, the chosen keyframe MLS-warped onto
+the frame's landmarks in both reference modes, and the ground truth aligned with the
+same matrix.
 
-One ``.npz`` of uint8 arrays per (video, CRF) keeps loading fast; ``manifest.json``
-says which videos went to training and which to validation (split by video, never by
-frame, so that validation faces are faces the model has not seen).
+Both reference modes come from one pass: ``hq`` is the keyframe cut from the original
+video at the I-frame (the paper's high-quality keyframes), ``stream`` the same I-frame as
+decoded (what a plain x264 sender gives). Both are cut with the same matrix and stored
+under the same landmarks, so the store picks the same keyframe for either.
+
+The only colour conversion is :func:`kfgan_daemon.media.colour.yuv_to_rgb`, applied to
+the decoded planes of both videos: the degraded crop is exactly what a receiver
+converts, never an RGB round trip of the original.
+
+One ``.npz`` of uint8 arrays per (video, CRF); crops are RGB. ``manifest.json`` records
+the options, who is who (persons) and where each video went: splits are by person,
+never by frame or clip, so validation and test faces are faces training never saw.
+Test videos get no sample files: they are measured end to end by ``kfgan-daemon eval``.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
-
 import numpy as np
 
 from kfgan_daemon.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-ReferenceMode = Literal["hq", "stream"]
 REFERENCE_MODES: tuple[str, ...] = ("hq", "stream")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".y4m")
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 # Keys of each sample file; the loader (train/samples.py) reads the same names.
-COMPRESSED = "compressed"  # N x 256 x 256 x 3 uint8 BGR, aligned crop of the decoded compressed frame
-REFERENCE = "reference"  # N x 256 x 256 x 3 uint8 BGR, keyframe crop warped onto the sample's landmarks
-TARGET = "target"  # N x 256 x 256 x 3 uint8 BGR, original frame aligned with the same matrix
+COMPRESSED = "compressed"  # N x 256 x 256 x 3 uint8 RGB, aligned crop of the decoded compressed frame
+TARGET = "target"  # N x 256 x 256 x 3 uint8 RGB, original frame aligned with the same matrix
+REFERENCE_HQ = "reference_hq"  # N x 256 x 256 x 3 uint8 RGB, original I-frame crop warped onto the landmarks
+REFERENCE_STREAM = "reference_stream"  # the same I-frame as decoded, warped the same way
 CROP_LANDMARKS = "crop_landmarks"  # N x 68 x 2 int16, crop coordinates (the landmark image is drawn from them)
-FRAME_LANDMARKS = "frame_landmarks"  # N x 68 x 2 float32, frame coordinates on the compressed frame
+FRAME_LANDMARKS = "frame_landmarks"  # N x 68 x 2 float64, frame coordinates (smoothed, as the restorer uses them)
 MATRIX = "matrix"  # N x 2 x 3 float64, frame -> crop
 FRAME_INDEX = "frame_index"  # N int32, decode order index of the sample
 KEY_INDEX = "key_index"  # N int32, frame index of the keyframe used as reference
-SAMPLE_ARRAYS = (COMPRESSED, REFERENCE, TARGET, CROP_LANDMARKS, FRAME_LANDMARKS, MATRIX, FRAME_INDEX, KEY_INDEX)
+SAMPLE_ARRAYS = (
+    COMPRESSED, TARGET, REFERENCE_HQ, REFERENCE_STREAM, CROP_LANDMARKS, FRAME_LANDMARKS, MATRIX, FRAME_INDEX, KEY_INDEX,
+)
+_REFERENCE_KEYS = {"hq": REFERENCE_HQ, "stream": REFERENCE_STREAM}
+
+
+def reference_key(mode: str) -> str:
+    """The sample array holding the references of ``mode`` ("hq" or "stream")."""
+    try:
+        return _REFERENCE_KEYS[mode]
+    except KeyError:
+        raise ConfigError(f"reference mode must be one of {REFERENCE_MODES}, got {mode!r}") from None
 
 
 def sample_indices(frame_count: int, every: int = 5, offset: int = 5) -> list[int]:
@@ -54,36 +74,46 @@ def sample_indices(frame_count: int, every: int = 5, offset: int = 5) -> list[in
     return list(range(offset, max(frame_count, 0), every))
 
 
-def split_videos(
-    names: Sequence[str],
-    validation: Sequence[str] | None = None,
-    validation_fraction: float = 0.2,
-    seed: int = 0,
-) -> tuple[list[str], list[str]]:
-    """Split video names into (train, validation); a video never lands in both.
+def person_of(videos: Iterable[str], persons: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """video -> person; ``persons`` names who appears in several videos, anyone else is their video's own person."""
+    names = sorted(set(videos))
+    owner: dict[str, str] = {}
+    for person, clips in persons.items():
+        for clip in clips:
+            if clip in owner:
+                raise ConfigError(f"dataset.persons: video {clip!r} is listed for both {owner[clip]!r} and {person!r}")
+            owner[clip] = person
+    unknown = sorted(set(owner) - set(names))
+    if unknown:
+        raise ConfigError(f"dataset.persons: videos not found among the inputs: {unknown}")
+    return {name: owner.get(name, name) for name in names}
 
-    Explicit ``validation`` names win; otherwise a seeded shuffle puts
-    ``ceil(fraction * n)`` videos (at least one when there are two or more) in validation.
+
+def split_by_person(
+    videos: Iterable[str],
+    persons: Mapping[str, Iterable[str]],
+    validation: Iterable[str],
+    test: Iterable[str],
+) -> dict[str, str]:
+    """video -> "train", "validation" or "test", whole persons at a time.
+
+    ``validation`` and ``test`` name persons (a video's name is its person's unless
+    ``persons`` says otherwise); everyone else trains.
     """
-    unique = sorted(set(names))
-    if len(unique) != len(names):
-        raise ConfigError(f"duplicate video names: {sorted(n for n in unique if list(names).count(n) > 1)}")
-    if validation is not None:
-        unknown = sorted(set(validation) - set(unique))
+    owner = person_of(videos, persons)
+    everyone = set(owner.values())
+    validation, test = set(validation), set(test)
+    for label, chosen in (("validation", validation), ("test", test)):
+        unknown = sorted(chosen - everyone)
         if unknown:
-            raise ConfigError(f"validation videos not found among the inputs: {unknown} (inputs: {unique})")
-        held = sorted(set(validation))
-    else:
-        if not 0.0 <= validation_fraction < 1.0:
-            raise ConfigError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-        count = math.ceil(validation_fraction * len(unique)) if len(unique) >= 2 else 0
-        if validation_fraction > 0 and len(unique) >= 2:
-            count = max(count, 1)
-        shuffled = unique[:]
-        random.Random(seed).shuffle(shuffled)
-        held = sorted(shuffled[:count])
-    train = [n for n in unique if n not in held]
-    return train, held
+            raise ConfigError(f"dataset.{label}: persons not found among the inputs: {unknown} (persons: {sorted(everyone)})")
+    both = sorted(validation & test)
+    if both:
+        raise ConfigError(f"dataset: persons {both} are in both validation and test")
+    return {
+        video: "test" if person in test else "validation" if person in validation else "train"
+        for video, person in owner.items()
+    }
 
 
 def find_videos(videos_dir: Path) -> dict[str, Path]:
@@ -115,52 +145,59 @@ class VideoSamples:
 
 @dataclass
 class BuildOptions:
+    """How samples are made; ``persons``/``validation``/``test`` say who goes where (see :func:`split_by_person`)."""
+
     crfs: tuple[int, ...] = (42,)
     keyint_seconds: float = 1.0
-    reference_mode: ReferenceMode = "hq"
     sample_every: int = 5
     sample_offset: int = 5
-    validation: tuple[str, ...] | None = None
-    validation_fraction: float = 0.2
-    split_seed: int = 0
+    persons: dict[str, list[str]] = field(default_factory=dict)
+    validation: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
     store_size: int = 10
     store_policy: str = "lfu"
     warp_mode: str = "fast"
+    alignment: str = "subpixel"
+    smooth_landmarks: bool = True
     detector: str = "hog"
     preset: str = "medium"
     max_frames: int | None = None
 
     def check(self) -> None:
         if not self.crfs:
-            raise ConfigError("at least one --crf is needed")
+            raise ConfigError("dataset.crfs: at least one CRF is needed")
         for crf in self.crfs:
             if not 0 <= crf <= 51:
-                raise ConfigError(f"crf must be in [0, 51] for libx264, got {crf}")
+                raise ConfigError(f"dataset.crfs: crf must be in [0, 51] for libx264, got {crf}")
         if self.keyint_seconds <= 0:
-            raise ConfigError(f"keyint_seconds must be > 0, got {self.keyint_seconds}")
-        if self.reference_mode not in REFERENCE_MODES:
-            raise ConfigError(f"reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}")
+            raise ConfigError(f"dataset.keyint_seconds must be > 0, got {self.keyint_seconds}")
         if self.max_frames is not None and self.max_frames < 1:
-            raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
+            raise ConfigError(f"dataset.max_frames must be >= 1, got {self.max_frames}")
         sample_indices(0, self.sample_every, self.sample_offset)
 
 
 @dataclass
 class DatasetManifest:
-    """Contents of ``manifest.json``: the options used and where each video went."""
+    """Contents of ``manifest.json``: the options used, who is who, and where each video went."""
 
     options: dict
-    train: list[str]
-    validation: list[str]
+    splits: dict[str, str]  # video -> train / validation / test
+    persons: dict[str, str] = field(default_factory=dict)  # video -> person
     files: dict[str, dict] = field(default_factory=dict)  # file name -> {video, crf, split, samples, ...}
+    skipped: dict[str, str] = field(default_factory=dict)  # file name -> why the video gave no samples
     version: int = MANIFEST_VERSION
+
+    def videos_of(self, split: str) -> list[str]:
+        return sorted(video for video, where in self.splits.items() if where == split)
 
     def files_of(self, split: str) -> list[str]:
         return [name for name, info in sorted(self.files.items()) if info["split"] == split]
 
     def write(self, out_dir: Path) -> Path:
         path = out_dir / MANIFEST_NAME
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        partial = path.with_name(f".{MANIFEST_NAME}.partial")
+        partial.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        partial.replace(path)
         return path
 
     @classmethod
@@ -177,62 +214,79 @@ class DatasetManifest:
             raise InputError(f"{path} is not a dataset manifest: {exc}") from exc
 
 
-def _encode(source: Path, target: Path, crf: int, keyint_seconds: float, preset: str, max_frames: int | None) -> None:
-    """Re-encode ``source`` with libx264 at ``crf``, an I-frame every ``keyint_seconds``, no audio."""
-    from kfgan_daemon.media import FileSink, FileSource
+def encode_degraded(source: Path, target: Path, crf: int, keyint_seconds: float, preset: str, max_frames: int | None) -> int:
+    """libx264 at ``crf`` from the source's decoded planes, an I-frame every ``keyint_seconds``, no audio."""
+    from kfgan_daemon.media import FileSource, encode_h264_file
 
     with FileSource(source) as frames:
         gop = max(1, round(float(frames.frame_rate) * keyint_seconds))
-        with FileSink.like(frames, target, crf=crf, gop=gop, preset=preset, audio_from=None) as sink:
-            for index, frame in enumerate(frames):
-                if max_frames is not None and index >= max_frames:
-                    break
-                sink.write(frame)
+    return encode_h264_file(source, target, crf=crf, gop=gop, preset=preset, max_frames=max_frames, audio=False)
 
 
 def collect_samples(original: Path, compressed: Path, options: BuildOptions) -> VideoSamples:
     """Walk original and compressed frames in lockstep and cut the samples of one encoded video."""
-    from kfgan_daemon.face import FaceTracker, align_face, mls_warp
+    from kfgan_daemon.face import FaceTracker, LandmarkSmoother, align_frame, mls_warp
     from kfgan_daemon.keyframes import KeyframeStore
     from kfgan_daemon.media import FileSource
 
     tracker = FaceTracker(detector=options.detector)
+    smoother = LandmarkSmoother() if options.smooth_landmarks else None
     store = KeyframeStore(options.store_size, policy=options.store_policy)
     rows: dict[str, list] = {name: [] for name in SAMPLE_ARRAYS}
     frames = keyframes = with_face = 0
     with FileSource(original) as hq_source, FileSource(compressed) as lq_source:
         fps = float(lq_source.frame_rate)
         width, height = lq_source.width, lq_source.height
+        if (hq_source.width, hq_source.height) != (width, height):
+            raise InputError(
+                f"{original} is {hq_source.width}x{hq_source.height} but its encode is {width}x{height}: "
+                "odd-sized videos cannot be paired pixel for pixel; crop them to even sizes first"
+            )
         for index, (hq, lq) in enumerate(zip(hq_source, lq_source, strict=False)):
             if options.max_frames is not None and index >= options.max_frames:
                 break
             frames += 1
             keyframes += int(lq.is_keyframe)
-            landmarks = tracker.update(lq.image)
+            landmarks = tracker.update(lq.luma)
             if landmarks is None:
+                if smoother is not None:
+                    smoother.reset()
                 continue
             with_face += 1
-            aligned = align_face(lq.image, landmarks)
-            if lq.is_keyframe:
-                source_image = hq.image if options.reference_mode == "hq" else lq.image
-                key_crop = aligned.crop if source_image is lq.image else align_face(source_image, landmarks).crop
-                store.offer(index, aligned.crop_landmarks, key_crop)
-            # Selection runs on every frame with a face, as in the stream, so that the
-            # LFU usage counts (and thus evictions) follow the deployed behaviour.
-            entry = store.select(aligned.crop_landmarks)
-            if entry is None or not _is_sampled(index, options):
+            if smoother is not None:
+                if tracker.source == "detected":
+                    smoother.reset()
+                landmarks = smoother.smooth(landmarks, lq.time)
+            sampled = _is_sampled(index, options)
+            if not (lq.is_keyframe or sampled):
+                # Selection still runs (below) so that LFU usage counts follow the stream.
+                store.select(_crop_landmarks(landmarks, options))
                 continue
-            reference = mls_warp(entry.crop, entry.landmarks, aligned.crop_landmarks, mode=options.warp_mode)
+            # The restorer's own crop: only the pixels under it are converted to RGB.
+            aligned = align_frame(lq, landmarks, mode=options.alignment)
+            truth = align_frame(hq, landmarks, mode=options.alignment).crop
+            if lq.is_keyframe:
+                # One entry holds both reference modes: same I-frame, same matrix, same landmarks.
+                store.offer(index, aligned.crop_landmarks, np.stack([truth, aligned.crop]))
+            entry = store.select(aligned.crop_landmarks)
+            if entry is None or not sampled:
+                continue
+            for key, crop in zip((REFERENCE_HQ, REFERENCE_STREAM), entry.crop):
+                rows[key].append(mls_warp(crop, entry.landmarks, aligned.crop_landmarks, mode=options.warp_mode))
             rows[COMPRESSED].append(aligned.crop)
-            rows[REFERENCE].append(reference)
-            rows[TARGET].append(align_face(hq.image, landmarks).crop)
+            rows[TARGET].append(truth)
             rows[CROP_LANDMARKS].append(np.asarray(aligned.crop_landmarks, dtype=np.int16))
-            rows[FRAME_LANDMARKS].append(np.asarray(landmarks, dtype=np.float32))
+            rows[FRAME_LANDMARKS].append(np.asarray(landmarks, dtype=np.float64))
             rows[MATRIX].append(np.asarray(aligned.matrix, dtype=np.float64))
             rows[FRAME_INDEX].append(index)
             rows[KEY_INDEX].append(entry.key_id)
-    arrays = _stack(rows)
-    return VideoSamples(arrays, frames, keyframes, with_face, fps, width, height)
+    return VideoSamples(_stack(rows), frames, keyframes, with_face, fps, width, height)
+
+
+def _crop_landmarks(landmarks: np.ndarray, options: BuildOptions) -> np.ndarray:
+    from kfgan_daemon.face import alignment_matrix, crop_landmarks
+
+    return crop_landmarks(landmarks, alignment_matrix(landmarks, mode=options.alignment))
 
 
 def _is_sampled(index: int, options: BuildOptions) -> bool:
@@ -240,12 +294,14 @@ def _is_sampled(index: int, options: BuildOptions) -> bool:
 
 
 def _stack(rows: dict[str, list]) -> dict[str, np.ndarray]:
+    crop = ((0, 256, 256, 3), np.uint8)
     shapes = {
-        COMPRESSED: ((0, 256, 256, 3), np.uint8),
-        REFERENCE: ((0, 256, 256, 3), np.uint8),
-        TARGET: ((0, 256, 256, 3), np.uint8),
+        COMPRESSED: crop,
+        TARGET: crop,
+        REFERENCE_HQ: crop,
+        REFERENCE_STREAM: crop,
         CROP_LANDMARKS: ((0, 68, 2), np.int16),
-        FRAME_LANDMARKS: ((0, 68, 2), np.float32),
+        FRAME_LANDMARKS: ((0, 68, 2), np.float64),
         MATRIX: ((0, 2, 3), np.float64),
         FRAME_INDEX: ((0,), np.int32),
         KEY_INDEX: ((0,), np.int32),
@@ -257,76 +313,99 @@ def _stack(rows: dict[str, list]) -> dict[str, np.ndarray]:
     return out
 
 
-def sample_file_name(video: str, crf: int, reference_mode: str) -> str:
-    return f"{video}_crf{crf}_{reference_mode}.npz"
+def sample_file_name(video: str, crf: int) -> str:
+    return f"{video}_crf{crf}.npz"
+
+
+def encoded_file_name(video: str, crf: int) -> str:
+    return f"{video}_crf{crf}.mp4"
 
 
 def build_dataset(
     videos_dir: Path,
     out_dir: Path,
-    crfs: Iterable[int] = (42,),
-    keyint_seconds: float = 1.0,
-    reference_mode: ReferenceMode = "hq",
-    validation: Sequence[str] | None = None,
-    validation_fraction: float = 0.2,
-    sample_every: int = 5,
-    sample_offset: int = 5,
-    warp_mode: str = "fast",
-    detector: str = "hog",
-    preset: str = "medium",
-    max_frames: int | None = None,
+    options: BuildOptions,
+    keep_encoded: bool = False,
+    workers: int = 1,
     progress: bool = True,
 ) -> DatasetManifest:
     """Build training samples from every video in ``videos_dir`` into ``out_dir``.
 
-    Writes one ``<video>_crf<CRF>_<mode>.npz`` per video and CRF, then ``manifest.json``.
-    Files already listed in an existing manifest with the same options are kept, so an
-    interrupted build resumes where it stopped.
+    Writes one ``<video>_crf<CRF>.npz`` per train or validation video and CRF, then
+    ``manifest.json``; test videos are only listed. Files already listed in an
+    existing manifest with the same options are kept, so an interrupted build resumes
+    where it stopped. ``keep_encoded`` keeps the degraded streams in ``out_dir/encoded``;
+    ``workers`` builds that many videos at once, in separate processes.
     """
-    options = BuildOptions(
-        crfs=tuple(int(c) for c in crfs),
-        keyint_seconds=keyint_seconds,
-        reference_mode=reference_mode,
-        sample_every=sample_every,
-        sample_offset=sample_offset,
-        validation=tuple(validation) if validation is not None else None,
-        validation_fraction=validation_fraction,
-        warp_mode=warp_mode,
-        detector=detector,
-        preset=preset,
-        max_frames=max_frames,
-    )
     options.check()
     videos = find_videos(Path(videos_dir))
-    train, held = split_videos(list(videos), options.validation, options.validation_fraction, options.split_seed)
+    splits = split_by_person(videos, options.persons, options.validation, options.test)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Through JSON once, so that it compares equal to what a previous manifest holds.
     option_dict = json.loads(json.dumps(asdict(options)))
-    manifest = DatasetManifest(options=option_dict, train=train, validation=held)
+    manifest = DatasetManifest(options=option_dict, splits=splits, persons=person_of(videos, options.persons))
     previous = _previous_files(out_dir, option_dict)
-    jobs = [(video, crf) for video in videos for crf in options.crfs]
-    bar = _progress(len(jobs), progress)
-    for video, crf in jobs:
-        name = sample_file_name(video, crf, options.reference_mode)
-        split = "validation" if video in held else "train"
-        if name in previous and (out_dir / name).is_file():
-            manifest.files[name] = {**previous[name], "split": split}
-        else:
-            manifest.files[name] = _build_one(videos[video], video, crf, split, out_dir / name, options)
-        manifest.write(out_dir)
-        bar.update(1)
-        bar.set_postfix_str(f"{video} crf{crf}: {manifest.files[name]['samples']} samples")
-    bar.close()
+    encoded_dir = out_dir / "encoded" if keep_encoded else None
+    todo = []
+    for video in videos:
+        if splits[video] == "test":
+            continue
+        for crf in options.crfs:
+            name = sample_file_name(video, crf)
+            if name in previous and (out_dir / name).is_file():
+                manifest.files[name] = {**previous[name], "split": splits[video]}
+            else:
+                todo.append((videos[video], video, crf, splits[video], out_dir / name, options, encoded_dir))
     manifest.write(out_dir)
+    bar = _progress(len(todo), progress)
+    # Videos are independent: a process each (encoding, tracking and warping hold the GIL).
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool:
+        for info in pool.map(_build_one_job, todo):
+            name = sample_file_name(info["video"], info["crf"])
+            if "skipped" in info:
+                manifest.skipped[name] = info["skipped"]
+                log.warning("dataset: %s skipped: %s", name, info["skipped"])
+            else:
+                manifest.files[name] = info
+            manifest.write(out_dir)
+            bar.update(1)
+            bar.set_postfix_str(f"{info['video']} crf{info['crf']}: {info.get('samples', 0)} samples")
+    bar.close()
     return manifest
 
 
-def _build_one(path: Path, video: str, crf: int, split: str, target: Path, options: BuildOptions) -> dict:
+class _InProcess:
+    """The ``map`` of an executor, run in this process (one worker: no pickling, plain tracebacks)."""
+
+    def map(self, function, items):
+        return map(function, items)
+
+    def __enter__(self) -> "_InProcess":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+def _build_one_job(job: tuple) -> dict:
+    try:
+        return _build_one(*job)
+    except InputError as exc:
+        # A damaged or unpairable video costs its own samples, not the whole build.
+        _, video, crf, split, *_ = job
+        return {"video": video, "crf": crf, "split": split, "skipped": str(exc)}
+
+
+def _build_one(
+    path: Path, video: str, crf: int, split: str, target: Path, options: BuildOptions, encoded_dir: Path | None
+) -> dict:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kfgan-dataset-") as tmp:
-        encoded = Path(tmp) / f"{video}_crf{crf}.mp4"
-        _encode(path, encoded, crf, options.keyint_seconds, options.preset, options.max_frames)
+        folder = encoded_dir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        encoded = folder / encoded_file_name(video, crf)
+        encode_degraded(path, encoded, crf, options.keyint_seconds, options.preset, options.max_frames)
         samples = collect_samples(path, encoded, options)
     partial = target.with_suffix(".partial.npz")
     np.savez(partial, **samples.arrays)
@@ -336,8 +415,8 @@ def _build_one(path: Path, video: str, crf: int, split: str, target: Path, optio
         "source": path.name,
         "crf": crf,
         "split": split,
-        "reference_mode": options.reference_mode,
         "samples": samples.count,
+        "keyframe_samples": int((samples.arrays[FRAME_INDEX] == samples.arrays[KEY_INDEX]).sum()),
         "frames": samples.frames,
         "keyframes": samples.keyframes,
         "frames_with_face": samples.frames_with_face,

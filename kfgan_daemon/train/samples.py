@@ -57,49 +57,77 @@ class Batch:
 
 
 class SampleSet:
-    """All samples of one split of a built dataset, held in memory as uint8."""
+    """All samples of one split of a built dataset, held in memory as uint8 RGB.
 
-    def __init__(self, data_dir: Path, split: str, exclude_self_reference: bool = True) -> None:
+    Each stored row yields one sample per reference mode in ``reference_modes``;
+    ``exclude_self_reference`` drops hq samples on an I-frame (their reference is the
+    target); ``clean_keyframes`` adds, for each row on an I-frame, a sample whose input
+    is the original crop with the hq reference: a frame that is already good, which the
+    model must leave as it is.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        split: str,
+        reference_modes: tuple[str, ...] | list[str] = ("hq",),
+        exclude_self_reference: bool = True,
+        clean_keyframes: bool = False,
+    ) -> None:
         manifest = ds.DatasetManifest.read(Path(data_dir))
         names = manifest.files_of(split)
         if not names:
             raise InputError(f"{data_dir}: the dataset has no {split!r} files (manifest lists {sorted(manifest.files)})")
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in (ds.COMPRESSED, ds.REFERENCE, ds.TARGET, ds.CROP_LANDMARKS)}
-        self.videos: list[str] = []
+        self.reference_modes = tuple(reference_modes)
+        # Clean samples take the hq reference, whether or not hq samples are drawn.
+        loaded_modes = sorted(set(self.reference_modes) | ({"hq"} if clean_keyframes else set()))
+        keys = (ds.COMPRESSED, ds.TARGET, ds.CROP_LANDMARKS, *(ds.reference_key(m) for m in loaded_modes))
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        on_keyframe: list[np.ndarray] = []
+        row_videos: list[str] = []
         for name in names:
             path = Path(data_dir) / name
             try:
                 with np.load(path) as arrays:
-                    keep = np.ones(arrays[ds.FRAME_INDEX].shape[0], dtype=bool)
-                    if exclude_self_reference:
-                        # At an I-frame the nearest keyframe is the frame itself, so in hq mode
-                        # the reference *is* the target: a sample that only teaches copying.
-                        keep &= arrays[ds.KEY_INDEX] != arrays[ds.FRAME_INDEX]
                     for key in parts:
-                        parts[key].append(arrays[key][keep])
+                        parts[key].append(arrays[key])
+                    on_keyframe.append(arrays[ds.KEY_INDEX] == arrays[ds.FRAME_INDEX])
             except (OSError, KeyError, ValueError) as exc:
                 raise InputError(f"{path}: unreadable sample file ({exc}); rebuild the dataset") from exc
-            self.videos.extend([manifest.files[name]["video"]] * int(keep.sum()))
+            row_videos.extend([manifest.files[name]["video"]] * len(on_keyframe[-1]))
         self.compressed = np.concatenate(parts[ds.COMPRESSED])
-        self.reference = np.concatenate(parts[ds.REFERENCE])
         self.target = np.concatenate(parts[ds.TARGET])
         self.crop_landmarks = np.concatenate(parts[ds.CROP_LANDMARKS])
+        self.references = {m: np.concatenate(parts[ds.reference_key(m)]) for m in loaded_modes}
+        keyframe_rows = np.concatenate(on_keyframe)
+        # (row, reference mode, clean) of every sample, in a fixed order.
+        self.index: list[tuple[int, str, bool]] = []
+        for mode in self.reference_modes:
+            for row in range(len(keyframe_rows)):
+                if not (exclude_self_reference and mode == "hq" and keyframe_rows[row]):
+                    self.index.append((row, mode, False))
+        if clean_keyframes:
+            self.index.extend((int(row), "hq", True) for row in np.flatnonzero(keyframe_rows))
+        self.videos = [row_videos[row] for row, _, _ in self.index]
+        self.modes = [mode if not clean else "clean" for _, mode, clean in self.index]
         if len(self) == 0:
             raise InputError(f"{data_dir}: the {split!r} split holds no usable samples")
-        log.info("loaded %d %s samples from %d files", len(self), split, len(names))
+        log.info("loaded %d %s samples (%d rows) from %d files", len(self), split, len(keyframe_rows), len(names))
 
     def __len__(self) -> int:
-        return int(self.compressed.shape[0])
+        return len(self.index)
 
     def images(self, index: int) -> list[np.ndarray]:
-        """compressed, reference, landmark image, target: 256x256x3 uint8, BGR."""
+        """compressed, reference, landmark image, target: 256x256x3 uint8 RGB."""
         from kfgan_daemon.face import landmark_image
 
+        row, mode, clean = self.index[index]
+        target = self.target[row]
         return [
-            self.compressed[index],
-            self.reference[index],
-            landmark_image(self.crop_landmarks[index]),
-            self.target[index],
+            target if clean else self.compressed[row],
+            self.references[mode][row],
+            landmark_image(self.crop_landmarks[row]),
+            target,
         ]
 
 
@@ -148,8 +176,8 @@ def _shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """Stack BGR uint8 HxWx3 images into an N x 3 x H x W RGB float tensor in [0, 1]."""
-    stacked = np.stack([np.ascontiguousarray(im[..., ::-1]) for im in images])
+    """Stack RGB uint8 HxWx3 images into an N x 3 x H x W float tensor in [0, 1]."""
+    stacked = np.stack([np.ascontiguousarray(im) for im in images])
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 

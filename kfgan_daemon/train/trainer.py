@@ -121,9 +121,14 @@ class Trainer:
         np.random.seed(config.run.seed)
         random.seed(config.run.seed)
         data = config.data
-        self.train_samples = train_samples or SampleSet(data.dir, "train", data.exclude_self_reference)
-        # Validation keeps every sample: it measures the deployed behaviour, I-frames included.
-        self.validation_samples = validation_samples or SampleSet(data.dir, "validation", exclude_self_reference=False)
+        self.train_samples = train_samples or SampleSet(
+            data.dir, "train", data.reference_modes, data.exclude_self_reference, data.clean_keyframes
+        )
+        # Validation leaves out what would flatter it (hq references that are the target
+        # itself) and what it would not measure (clean inputs), and reports each mode.
+        self.validation_samples = validation_samples or SampleSet(
+            data.dir, "validation", data.reference_modes, data.exclude_self_reference
+        )
         augmentation = Augmentation(data.shift, data.rotate, data.cutout_probability, data.cutout_size)
         self.batches = TrainingBatches(
             self.train_samples, config.optim.batch_size, data.patch_size, augmentation, config.run.seed
@@ -236,13 +241,16 @@ class Trainer:
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
         """Mean PSNR/SSIM on the validation split: restored, restored without the reference
-        (the degraded crop in its place), and the compressed input itself; PSNR also per video."""
+        (the degraded crop in its place), and the compressed input itself; PSNR also per
+        video and per reference mode."""
         self.generator.eval()
         sums = {"psnr": 0.0, "ssim": 0.0, "psnr_noref": 0.0, "psnr_input": 0.0, "ssim_input": 0.0}
-        per_video: dict[str, list[float]] = {}  # video -> [restored PSNR sum, input PSNR sum, count]
+        # group ("video" or "mode" name) -> [restored PSNR sum, input PSNR sum, no-reference PSNR sum, count]
+        groups: dict[str, list[float]] = {}
         count = 0
         limit = self.config.schedule.validation_samples
         videos = getattr(self.validation_samples, "videos", None)
+        modes = getattr(self.validation_samples, "modes", None)
         for indices, batch in validation_batches(self.validation_samples, max(self.config.optim.batch_size, 8), limit):
             batch = batch.to(self.device)
             n = len(batch)
@@ -251,24 +259,32 @@ class Trainer:
                 noref = self.generator(batch.compressed, batch.compressed, batch.landmarks).float().clamp(0, 1)
             psnr_restored = L.psnr(restored, batch.target)
             psnr_input = L.psnr(batch.compressed, batch.target)
+            psnr_noref = L.psnr(noref, batch.target)
             sums["psnr"] += float(psnr_restored.sum())
-            sums["psnr_noref"] += float(L.psnr(noref, batch.target).sum())
+            sums["psnr_noref"] += float(psnr_noref.sum())
             sums["psnr_input"] += float(psnr_input.sum())
             sums["ssim"] += float(L.ssim(restored, batch.target)) * n
             sums["ssim_input"] += float(L.ssim(batch.compressed, batch.target)) * n
-            if videos is not None:
-                for index, restored_db, input_db in zip(indices, psnr_restored.tolist(), psnr_input.tolist()):
-                    entry = per_video.setdefault(videos[index], [0.0, 0.0, 0])
-                    entry[0] += restored_db
-                    entry[1] += input_db
-                    entry[2] += 1
+            for j, index in enumerate(indices):
+                names = []
+                if videos is not None:
+                    names.append(videos[index])
+                if modes is not None:
+                    names.append(f"mode_{modes[index]}")
+                for name in names:
+                    entry = groups.setdefault(name, [0.0, 0.0, 0.0, 0])
+                    entry[0] += float(psnr_restored[j])
+                    entry[1] += float(psnr_input[j])
+                    entry[2] += float(psnr_noref[j])
+                    entry[3] += 1
             count += n
         scores = {f"val_{k}": v / count for k, v in sums.items()}
         scores["val_psnr_gain"] = scores["val_psnr"] - scores["val_psnr_input"]
         scores["val_ssim_gain"] = scores["val_ssim"] - scores["val_ssim_input"]
-        for video, (restored_db, input_db, n) in sorted(per_video.items()):
-            scores[f"val_psnr_{video}"] = restored_db / n
-            scores[f"val_psnr_input_{video}"] = input_db / n
+        for name, (restored_db, input_db, noref_db, n) in sorted(groups.items()):
+            scores[f"val_psnr_{name}"] = restored_db / n
+            scores[f"val_psnr_input_{name}"] = input_db / n
+            scores[f"val_psnr_noref_{name}"] = noref_db / n
         return scores
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -440,18 +456,18 @@ def export_generator(generator: nn.Module, path: Path | str, variant: str, half:
 
 def export_checkpoint(checkpoint: Path | str, path: Path | str, half: bool = False) -> Path:
     """Export the generator of a training checkpoint (``best.pt`` or ``last.pt``) as .safetensors."""
+    from kfgan_daemon.model import build_generator as build_variant
+
     checkpoint = Path(checkpoint)
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a bad file
         raise ModelError(f"{checkpoint}: cannot read the training checkpoint ({exc})") from exc
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("variant") != "lite":
-        raise ModelError(f"{checkpoint} is not a lite training checkpoint of this trainer")
-    from kfgan_daemon.model.lite import LiteGenerator
-
-    generator = LiteGenerator(**state["generator_config"])
+    if state.get("format") != CHECKPOINT_FORMAT or "generator" not in state:
+        raise ModelError(f"{checkpoint} is not a training checkpoint of this trainer")
+    generator = build_variant(state["variant"], state["generator_config"])
     generator.load_state_dict(state["generator"])
-    return export_generator(generator, path, "lite", half=half)
+    return export_generator(generator, path, state["variant"], half=half)
 
 
 def train(config_path: Path, resume: bool = True, max_steps: int | None = None, progress: bool = True) -> TrainResult:

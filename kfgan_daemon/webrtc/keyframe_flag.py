@@ -11,7 +11,7 @@ every decoder aiortc creates in :class:`KeyframeTaggingDecoder`, which reads the
 encoded frame's header (VP8: bit 0 of the first byte is 0 on a key frame; H.264:
 an IDR slice, NAL unit type 5, or a picture of I slices only) and sets
 ``pict_type = I`` on the picture decoded from it, which
-:func:`kfgan_daemon.media.conversion.is_intra_picture` then reads.
+:func:`kfgan_daemon.media.frame.is_intra_picture` then reads.
 """
 from __future__ import annotations
 

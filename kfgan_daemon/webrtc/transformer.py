@@ -8,9 +8,10 @@ Usage in any aiortc application::
             receiver = next(t.receiver for t in pc.getTransceivers() if t.receiver.track is track)
             pc.addTrack(RestoredVideoTrack(track, engine, receiver=receiver))
 
-A pump task reads the remote track as fast as frames arrive (aiortc's receive
-queue is unbounded, so nothing may lag behind it), tags each picture's I-frame
-flag and submits it to a real-time engine stream. ``recv()`` returns the
+A reader task takes each picture off the remote track as soon as it arrives
+(aiortc's receive queue is unbounded) into a backlog of at most a couple of
+frames, where under overload the newest win and I-frames stay; a pump task tags
+each picture's I-frame flag and submits it to a real-time engine stream. ``recv()`` returns the
 engine's output in order, with the input's pts and time base; frames the engine
 could not restore in time come out unrestored or not at all, by the stream's
 overload policy. When the stream's keyframe store is empty or far from the
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
 import av
@@ -31,18 +32,25 @@ from aiortc.mediastreams import MediaStreamError
 from kfgan_daemon.engine import FrameRestorer, LiveStream, Outcome, StreamEngine, StreamOutput
 from kfgan_daemon.engine.settings import OverloadPolicy
 from kfgan_daemon.errors import StreamClosedError
-from kfgan_daemon.media.conversion import colorspace_name, is_intra_picture, to_decoded_frame, yuv420_frame
-from kfgan_daemon.media.frame import DecodedFrame
+from kfgan_daemon.media.colour import ColourSpace
+from kfgan_daemon.media.frame import DecodedFrame, is_intra_picture
 from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.webrtc import keyframe_flag
+from kfgan_daemon.webrtc.backlog import BacklogClosed, FrameBacklog
 from kfgan_daemon.webrtc.pli import KeyframeRequester
 
 log = logging.getLogger(__name__)
 
+# What an untagged WebRTC picture is, whatever its size: browsers' capture pipelines
+# (libwebrtc/libyuv) make I420 with the BT.601 limited-range matrix.
+WEBRTC_UNTAGGED_COLOUR = ColourSpace("bt601")
 # Seconds a closing stream may take to hand out the frames it already holds.
 _CLOSE_DRAIN_TIMEOUT = 2.0
 # Recent keyframe arrival times kept for inspection (PLI round trips).
 _KEYFRAME_HISTORY = 32
+# Received pictures a stream may hold before the engine takes them: beyond this
+# the oldest that is not an I-frame gives way (see webrtc.backlog).
+RECEIVE_BACKLOG = 2
 # Input pictures remembered for their outputs. Far more than an engine stream
 # holds at once; the bound matters when nobody calls recv() (a peer that sends
 # but does not receive), where outputs are never taken.
@@ -89,6 +97,10 @@ class RestoredVideoTrack(MediaStreamTrack):
         self.keyframe_arrivals: deque[float] = deque(maxlen=_KEYFRAME_HISTORY)
         self.frames_in = 0
         self.frames_out = 0
+        # What the peer was actually sent, by outcome (a consumer that falls behind loses outputs
+        # the engine's own stats still count).
+        self.outcomes_out: Counter[str] = Counter()
+        self.frames_dropped_on_receive = 0
         self._stream_id = stream_id
         self._restore_settings = restore_settings
         self._restorer = restorer
@@ -155,6 +167,12 @@ class RestoredVideoTrack(MediaStreamTrack):
         self.stop()
         if closing is not None:
             await asyncio.shield(closing)
+        # The callbacks usually close over the session that owns this track: dropping
+        # them leaves no reference cycle, so everything is freed now, not at the next gc.
+        self._on_frame = None
+        self._on_keyframe_request = None
+        self._inputs.clear()
+        self._pump = None
 
     def _begin_close(self, drain: bool, timeout: float | None) -> asyncio.Future[None] | None:
         # The engine stream is closed by a task of its own that nobody cancels:
@@ -176,6 +194,7 @@ class RestoredVideoTrack(MediaStreamTrack):
             raise MediaStreamError from None
         frame = await self._to_video_frame(output)
         self.frames_out += 1
+        self.outcomes_out[output.outcome.value] += 1
         if self._on_frame is not None:
             try:
                 self._on_frame(frame, output.outcome)
@@ -187,33 +206,56 @@ class RestoredVideoTrack(MediaStreamTrack):
 
     async def _pump_source(self, stream: LiveStream) -> None:
         loop = asyncio.get_running_loop()
+        backlog: FrameBacklog[tuple[av.VideoFrame, float, bool]] = FrameBacklog(RECEIVE_BACKLOG)
+        reader = loop.create_task(self._read_source(stream, backlog), name=f"kfgan-webrtc-{stream.id}-read")
         index = 0
+        try:
+            while True:
+                try:
+                    picture, arrival, keyframe = await backlog.get()
+                except BacklogClosed:
+                    break
+                self.engine.metrics.receive_backlog.labels(stream.id).set(len(backlog))
+                decoded = await loop.run_in_executor(None, _decode, picture, index, keyframe)
+                self._inputs[index] = picture
+                while len(self._inputs) > _MAX_PENDING_INPUTS:
+                    self._inputs.popitem(last=False)
+                index += 1
+                await stream.submit(decoded, arrival=arrival)
+                if stream.needs_keyframe:
+                    await self._request_keyframe()
+        except StreamClosedError:
+            return
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        # The sender is gone: let the frames already in the engine come out, then end.
+        self._begin_close(drain=True, timeout=_CLOSE_DRAIN_TIMEOUT)
+
+    async def _read_source(self, stream: LiveStream, backlog: FrameBacklog[tuple[av.VideoFrame, float, bool]]) -> None:
+        """Take every picture off aiortc's unbounded queue as it arrives, into the bounded backlog."""
+        metrics = self.engine.metrics
         try:
             while True:
                 try:
                     picture = await self.source.recv()
                 except MediaStreamError:
                     log.info("stream %s: the remote track ended", stream.id)
-                    break
-                arrival = time.monotonic()
+                    return
                 if not isinstance(picture, av.VideoFrame):
                     continue
+                arrival = time.monotonic()
                 keyframe = is_intra_picture(picture)
                 if keyframe:
                     self.keyframe_arrivals.append(arrival)
-                decoded = await loop.run_in_executor(None, _decode, picture, index, keyframe)
-                self._inputs[index] = picture
-                while len(self._inputs) > _MAX_PENDING_INPUTS:
-                    self._inputs.popitem(last=False)
-                index += 1
                 self.frames_in += 1
-                await stream.submit(decoded, arrival=arrival)
-                if stream.needs_keyframe:
-                    await self._request_keyframe()
-        except StreamClosedError:
-            return
-        # The sender is gone: let the frames already in the engine come out, then end.
-        self._begin_close(drain=True, timeout=_CLOSE_DRAIN_TIMEOUT)
+                dropped = backlog.put((picture, arrival, keyframe), keyframe)
+                if dropped:
+                    self.frames_dropped_on_receive += dropped
+                    metrics.receive_dropped.labels(stream.id).inc(dropped)
+                metrics.receive_backlog.labels(stream.id).set(len(backlog))
+        finally:
+            backlog.close()
 
     async def _request_keyframe(self) -> None:
         requester = self.keyframe_requester
@@ -234,8 +276,8 @@ class RestoredVideoTrack(MediaStreamTrack):
         if original is None:
             # Not ours (a restorer that renumbers frames): build from the data.
             return await asyncio.get_running_loop().run_in_executor(None, _encode, output.frame, None)
-        if output.outcome is not Outcome.RESTORED:
-            return original
+        if output.outcome not in (Outcome.RESTORED, Outcome.CARRIED_FORWARD):
+            return original  # untouched by the engine: the very picture that came in
         return await asyncio.get_running_loop().run_in_executor(None, _encode, output.frame, original)
 
     def _take_input(self, index: int) -> av.VideoFrame | None:
@@ -251,16 +293,15 @@ class RestoredVideoTrack(MediaStreamTrack):
 
 
 def _decode(picture: av.VideoFrame, index: int, keyframe: bool) -> DecodedFrame:
-    return to_decoded_frame(picture, index, is_keyframe=keyframe)
+    return DecodedFrame.from_av(
+        picture, index, is_keyframe=keyframe, colour=ColourSpace.of(picture, fallback=WEBRTC_UNTAGGED_COLOUR)
+    )
 
 
 def _encode(frame: DecodedFrame, original: av.VideoFrame | None) -> av.VideoFrame:
-    colorspace = colorspace_name(original) if original is not None else None
-    picture = yuv420_frame(frame.image, colorspace)
+    """The frame's planes as a picture (no colour conversion), timed like the input it came from."""
+    picture = frame.to_av()
     if original is not None:
         picture.pts = original.pts
         picture.time_base = original.time_base
-    else:
-        picture.pts = frame.pts
-        picture.time_base = frame.time_base
     return picture

@@ -31,8 +31,8 @@ import av
 import av.error
 
 from kfgan_daemon.media.bitstream import NalType, join_annexb, nal_type
-from kfgan_daemon.media.conversion import colorspace_name, is_intra_picture, to_decoded_frame
-from kfgan_daemon.media.frame import DecodedFrame
+from kfgan_daemon.media.colour import ColourSpace
+from kfgan_daemon.media.frame import DecodedFrame, is_intra_picture
 from kfgan_daemon.media.rtp.h264 import AccessUnit
 from kfgan_daemon.media.source import ffmpeg_reason
 
@@ -65,7 +65,7 @@ class H264AccessUnitDecoder:
         self._remember_parameter_sets(parameter_sets or [])
         self._codec = self._new_codec()
         self.waiting_for_keyframe = True
-        self.colorspace: str | None = None  # as tagged on the last picture; give it to the encoder downstream
+        self.colour: ColourSpace | None = None  # of the last picture; give it to the encoder downstream
         self._damaged = False
         self._intact: dict[int, bool] = {}
         self._index = 0
@@ -123,8 +123,10 @@ class H264AccessUnitDecoder:
         while len(self._intact) > _MAX_PENDING:
             self._intact.pop(next(iter(self._intact)))
         picture.time_base = RTP_VIDEO_TIME_BASE
-        self.colorspace = colorspace_name(picture)
-        frame = to_decoded_frame(picture, self._index, is_keyframe=intact and is_intra_picture(picture))
+        self.colour = ColourSpace.of(picture)
+        frame = DecodedFrame.from_av(
+            picture, self._index, is_keyframe=intact and is_intra_picture(picture), colour=self.colour
+        )
         self._index += 1
         self.stats.frames += 1
         self.stats.keyframes += frame.is_keyframe

@@ -104,6 +104,17 @@ class H264Depacketizer:
         self._fragment = None
         self._last_sequence = None
 
+    def continue_from(self, sequence_number: int) -> None:
+        """The sender's sequence jumped to ``sequence_number`` (validated upstream): not a loss.
+
+        An access unit in progress ends here, and incomplete: the rest of it
+        would have come before the jump.
+        """
+        if self._current is not None:
+            self._current.complete = False
+        self._fragment = None
+        self._last_sequence = seq_add(sequence_number, -1)
+
     def _start(self, packet: RtpPacket) -> AccessUnit:
         self._current = AccessUnit(timestamp=packet.timestamp, first_sequence=packet.sequence_number)
         return self._current

@@ -15,8 +15,17 @@ is dropped (counted), so nothing queues without bound.
 
 A sender that goes quiet for ``silence_timeout`` seconds moves the receiver
 to ``ReceiverState.SILENT`` (a status event); when packets come back it
-resumes, and if they come from a new SSRC (a restarted sender) it starts over
-from that sender's next keyframe, with pts continuing after the last frame.
+resumes. Packets from a new SSRC (a restarted sender) are taken once the
+current one has been quiet for ``source_switch_after`` seconds: the change is
+reported as a status event of its own, and decoding starts over from the new
+sender's next keyframe, with pts continuing after the last frame.
+
+Sequence numbers are validated as in RFC 3550 appendix A.1 (see
+``jitterbuffer``): a stray packet far from the sequence is dropped, a real
+jump is followed after two packets. Timestamps become pts that stay monotonic
+and paced: a timestamp that leaps back (a sender restarted with the same SSRC)
+or far ahead re-bases pts on the time that really passed, in whole frame
+intervals, instead of jumping with it.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import enum
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kfgan_daemon.errors import InputError, RtpPacketError
+from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.media.rtp.decoder import H264AccessUnitDecoder, LossPolicy
 from kfgan_daemon.media.rtp.h264 import AccessUnit, H264Depacketizer
@@ -80,19 +91,47 @@ class RtpReceiverStats:
     frames_dropped: int  # consumer too slow
     silences: int
     source_changes: int
+    sequence_jumps: int = 0  # sequence numbers that jumped and were followed after probation
+    packets_stray: int = 0  # packets far from the sequence that no successor confirmed
+    timestamp_jumps: int = 0  # timestamps that leapt; pts were re-based
 
 
 class _TimestampUnwrapper:
-    """32-bit RTP timestamps to a continuous pts starting at 0."""
+    """32-bit RTP timestamps (90 kHz) to a continuous, paced pts starting at 0.
 
-    def __init__(self) -> None:
+    Access units come in decode order, so a small step back is normal (B-frames);
+    a step back of more than ``max_backward`` ticks or ahead of more than
+    ``max_forward`` is a jump. Followed blindly it would make pts go back (an
+    encoder downstream can then only clamp, one tick a frame) or leap, so the
+    pts continues instead by the time that passed since the previous access
+    unit, rounded to whole frame intervals (the last regular step, else
+    ``frame_interval``), at least one.
+    """
+
+    def __init__(self, frame_interval: int, max_backward: int = 45_000, max_forward: int = 900_000) -> None:
+        self.frame_interval = frame_interval
+        self.max_backward = max_backward
+        self.max_forward = max_forward
+        self.jumps = 0
         self._last: int | None = None
+        self._last_arrival = 0.0
+        self._step = frame_interval
         self._pts = 0
 
-    def __call__(self, timestamp: int) -> int:
+    def __call__(self, timestamp: int, arrival: float) -> int:
+        """The pts of an access unit with this RTP timestamp, completed at ``arrival`` (seconds)."""
         if self._last is not None:
-            self._pts += ((timestamp - self._last + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+            step = ((timestamp - self._last + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+            if -self.max_backward <= step <= self.max_forward:
+                if step > 0:
+                    self._step = step
+            else:
+                self.jumps += 1
+                intervals = max(1, round((arrival - self._last_arrival) * 90000 / self._step))
+                step = intervals * self._step
+            self._pts += step
         self._last = timestamp
+        self._last_arrival = arrival
         return self._pts
 
     def restart_after(self, pts: int) -> None:
@@ -123,6 +162,7 @@ class RtpReceiver:
         port: int | None = None,
         loss_policy: LossPolicy = "conceal",
         silence_timeout: float = 2.0,
+        source_switch_after: float = 0.5,
         reorder_delay: float = 0.03,
         max_queued_frames: int = 8,
         max_queued_access_units: int = 30,
@@ -132,6 +172,7 @@ class RtpReceiver:
         self.host = description.address if host is None else host
         self.port = description.port if port is None else port
         self.silence_timeout = silence_timeout
+        self.source_switch_after = min(source_switch_after, silence_timeout)
         self.max_queued_frames = max_queued_frames
         self.max_queued_access_units = max_queued_access_units
         self.on_status = on_status
@@ -139,7 +180,8 @@ class RtpReceiver:
         self._reorder = ReorderBuffer(max_delay=reorder_delay)
         self._depacketizer = H264Depacketizer()
         self._decoder = H264AccessUnitDecoder(description.sprop_parameter_sets, loss_policy=loss_policy)
-        self._timestamps = _TimestampUnwrapper()
+        self._frame_interval = round(90000 / float(description.frame_rate or 30))
+        self._timestamps = _TimestampUnwrapper(self._frame_interval)
         self._state = ReceiverState.WAITING
         self._counts = dict.fromkeys(
             ("packets", "bytes", "malformed", "ignored", "overload_dropped", "frames_dropped", "silences", "sources"), 0
@@ -147,7 +189,6 @@ class RtpReceiver:
         self._ssrc: int | None = None
         self._last_packet_at = 0.0
         self._last_pts: int | None = None
-        self._frame_interval = round(90000 / float(description.frame_rate or 30))
         self._units: asyncio.Queue = asyncio.Queue()
         self._resync = False
         self._decoder_reset_pending = False
@@ -237,9 +278,9 @@ class RtpReceiver:
         return self._state
 
     @property
-    def colorspace(self) -> str | None:
-        """``"bt709"``/``"bt601"``/None as the stream's pictures are tagged; pass it to the sender or y4m writer."""
-        return self._decoder.colorspace
+    def colour(self) -> ColourSpace | None:
+        """The colour space of the stream's pictures (None before the first); pass it to the sender or y4m writer."""
+        return self._decoder.colour
 
     @property
     def local_address(self) -> tuple[str, int]:
@@ -265,6 +306,9 @@ class RtpReceiver:
             frames_dropped=self._counts["frames_dropped"],
             silences=self._counts["silences"],
             source_changes=self._counts["sources"],
+            sequence_jumps=reorder.resets,
+            packets_stray=reorder.strays,
+            timestamp_jumps=self._timestamps.jumps,
         )
 
     # -- network side -------------------------------------------------------------
@@ -289,7 +333,7 @@ class RtpReceiver:
             self._counts["ignored"] += 1
             return
         if packet.ssrc != self._ssrc:
-            if self._ssrc is not None and self._state != ReceiverState.SILENT:
+            if self._ssrc is not None and now - self._last_packet_at < self.source_switch_after:
                 self._counts["ignored"] += 1  # a second sender while the first one talks
                 return
             self._adopt_source(packet.ssrc, addr)
@@ -305,7 +349,11 @@ class RtpReceiver:
     def _adopt_source(self, ssrc: int, addr: tuple) -> None:
         if self._ssrc is not None:
             self._counts["sources"] += 1
-            log.info("new RTP sender %08x from %s; waiting for its keyframe", ssrc, addr)
+            self._report(
+                ReceiverState.STARTING,
+                f"the sender changed: SSRC {self._ssrc:08x} -> {ssrc:08x} from {addr[0]}:{addr[1]}; "
+                "waiting for its keyframe",
+            )
             self._reorder.reset()
             self._depacketizer.reset()
             self._timestamps.restart_after((self._last_pts or 0) + self._frame_interval)
@@ -319,11 +367,13 @@ class RtpReceiver:
 
     def _depacketize(self, packets: list[RtpPacket]) -> None:
         for packet in packets:
+            if self._reorder.starts_new_sequence(packet):
+                self._depacketizer.continue_from(packet.sequence_number)
             for unit in self._depacketizer.push(packet):
                 self._enqueue(unit)
 
     def _enqueue(self, unit: AccessUnit) -> None:
-        pts = self._timestamps(unit.timestamp)
+        pts = self._timestamps(unit.timestamp, asyncio.get_running_loop().time())
         if self._units.qsize() >= self.max_queued_access_units:
             # Decoding cannot keep up: drop the backlog and restart at the next keyframe.
             reset_pending = False
@@ -336,7 +386,8 @@ class RtpReceiver:
                 self._units.put_nowait(_RESET)
             self._resync = True
             log.warning("RTP decoder overloaded; dropped the backlog, waiting for a keyframe")
-        self._units.put_nowait((unit, pts))
+        # The unit is complete at its last packet, which is being handled now.
+        self._units.put_nowait((unit, pts, time.monotonic()))
 
     def _schedule_expiry(self) -> None:
         deadline = self._reorder.deadline
@@ -366,7 +417,7 @@ class RtpReceiver:
             if self._resync:
                 self._resync = False
                 self._decoder.waiting_for_keyframe = True
-            unit, pts = item
+            unit, pts, arrival = item
             try:
                 frames = await loop.run_in_executor(self._executor, self._decoder.decode, unit, pts)
             except Exception:
@@ -375,6 +426,7 @@ class RtpReceiver:
                 self._decoder.waiting_for_keyframe = True
                 continue
             for frame in frames:
+                frame.arrival = arrival
                 self._deliver(frame)
             if frames and self._state == ReceiverState.STARTING:
                 self._set_state(ReceiverState.RECEIVING, "first keyframe decoded")
@@ -407,6 +459,10 @@ class RtpReceiver:
     def _set_state(self, state: ReceiverState, detail: str) -> None:
         if state == self._state:
             return
+        self._report(state, detail)
+
+    def _report(self, state: ReceiverState, detail: str) -> None:
+        """Enter ``state`` and tell ``on_status``, even when the state stays the same (a new sender)."""
         self._state = state
         status = ReceiverStatus(state, detail, asyncio.get_running_loop().time())
         log.info("RTP receiver %s:%d %s: %s", self.host, self.port, state.value, detail)

@@ -21,17 +21,17 @@ from fractions import Fraction
 
 import av
 import av.error
-from av.codec.context import Flags
 from av.video.frame import PictureType
 
 from kfgan_daemon.errors import OutputError
 from kfgan_daemon.media.bitstream import NalType, nal_type, split_annexb
-from kfgan_daemon.media.conversion import check_colorspace, tag_colorspace, yuv420_frame
+from kfgan_daemon.media.colour import ColourSpace, convert_planes
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.media.rtp.decoder import RTP_VIDEO_TIME_BASE
 from kfgan_daemon.media.rtp.h264 import DEFAULT_MTU, H264Packetizer
 from kfgan_daemon.media.rtp.sdp import H264SessionDescription
 from kfgan_daemon.media.source import ffmpeg_reason
+from kfgan_daemon.media.x264 import H264Settings
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,9 @@ class RtpSender:
         payload_type: int = 96,
         mtu: int = DEFAULT_MTU,
         ssrc: int | None = None,
-        colorspace: str | None = None,
+        colour: ColourSpace | None = None,
         x264_options: Mapping[str, str] | None = None,
     ) -> None:
-        check_colorspace(colorspace)
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise OutputError(f"rtp://{host}:{port}: H.264 output needs an even, positive size, not {width}x{height}")
         self.host = host
@@ -78,7 +77,8 @@ class RtpSender:
         self.height = height
         self.frame_rate = Fraction(frame_rate).limit_denominator(1001000)
         self.gop = gop if gop is not None else max(1, round(2 * self.frame_rate))
-        self.colorspace = colorspace
+        # The SPS carries the colour description, so it is fixed when the encoder opens.
+        self.colour = colour if colour is not None else ColourSpace.untagged(height)
         self.stats = RtpSenderStats()
         self._packetizer = H264Packetizer(payload_type=payload_type, ssrc=ssrc, mtu=mtu)
         self._timestamp_offset = secrets.randbits(32)
@@ -97,28 +97,11 @@ class RtpSender:
         tune: str,
         x264_options: Mapping[str, str] | None,
     ) -> av.CodecContext:
+        settings = H264Settings(
+            crf=crf, bitrate=bitrate, preset=preset, tune=tune, gop=self.gop, live=True, options=dict(x264_options or {})
+        )
         encoder = av.CodecContext.create("libx264", "w")
-        encoder.width = self.width
-        encoder.height = self.height
-        encoder.pix_fmt = "yuv420p"
-        encoder.time_base = RTP_VIDEO_TIME_BASE
-        encoder.framerate = self.frame_rate
-        encoder.gop_size = self.gop
-        encoder.max_b_frames = 0
-        # Global header: SPS/PPS available at once for the SDP; repeat-headers keeps them in-band too.
-        encoder.flags |= Flags.global_header
-        options = {"preset": preset, "tune": tune}
-        if bitrate is not None:
-            encoder.bit_rate = int(bitrate)
-            options["maxrate"] = str(int(bitrate))
-            options["bufsize"] = str(int(bitrate) // 2)
-        else:
-            options["crf"] = str(crf)
-        extra = dict(x264_options or {})
-        options["x264-params"] = ":".join(filter(None, ["repeat-headers=1", extra.pop("x264-params", "")]))
-        options.update(extra)
-        encoder.options = options
-        tag_colorspace(encoder, self.colorspace)
+        settings.configure(encoder, self.width, self.height, RTP_VIDEO_TIME_BASE, self.colour, self.frame_rate)
         try:
             encoder.open()
         except (av.error.FFmpegError, ValueError) as exc:
@@ -169,13 +152,15 @@ class RtpSender:
         self._force_keyframe = True
 
     def send(self, frame: DecodedFrame) -> int:
-        """Encode and send one BGR frame; returns the number of RTP packets sent."""
-        height, width = frame.image.shape[:2]
-        if (width, height) != (self.width, self.height):
+        """Encode and send one frame's planes; returns the number of RTP packets sent."""
+        if (frame.width, frame.height) != (self.width, self.height):
             raise OutputError(
-                f"rtp://{self.host}:{self.port}: frame is {width}x{height}, the stream was opened for {self.width}x{self.height}"
+                f"rtp://{self.host}:{self.port}: frame is {frame.width}x{frame.height}, "
+                f"the stream was opened for {self.width}x{self.height}"
             )
-        picture = yuv420_frame(frame.image, self.colorspace)
+        if frame.colour != self.colour:
+            frame = frame.with_planes(*convert_planes(*frame.planes, frame.colour, self.colour), colour=self.colour)
+        picture = frame.to_av()
         picture.pts = self._pts(frame)
         picture.time_base = RTP_VIDEO_TIME_BASE
         if self._force_keyframe:

@@ -20,6 +20,7 @@ from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.bitstream import NalType, h264_access_unit_is_intra, nal_type, split_annexb
 from kfgan_daemon.media.rtp.h264 import H264Packetizer
 from kfgan_daemon.media.rtp.sdp import H264SessionDescription
+from kfgan_daemon.media.x264 import H264Settings
 
 RTP_CLOCK = 90000
 
@@ -62,25 +63,22 @@ def encode_clip(
         width, height = size or (source.width, source.height)
         width, height = width - width % 2, height - height % 2
         codec = av.CodecContext.create("libx264", "w")
-        codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
-        codec.time_base = 1 / rate
-        codec.framerate = rate
-        codec.options = {
-            "tune": "zerolatency",
-            "preset": preset,
-            "crf": str(crf),
-            "bf": "0",
-            "g": str(gop),
-            "keyint_min": str(gop),
-            "sc_threshold": "0",
-        }
+        settings = H264Settings(
+            crf=crf,
+            preset=preset,
+            tune="zerolatency",
+            gop=gop,
+            options={"bf": "0", "keyint_min": str(gop), "sc_threshold": "0"},
+        )
         units: list[list[bytes]] = []
         for n, frame in enumerate(source):
             if max_frames is not None and n >= max_frames:
                 break
-            picture = av.VideoFrame.from_ndarray(frame.image, format="bgr24").reformat(
-                width=width, height=height, format="yuv420p"
-            )
+            picture = frame.to_av()
+            if (frame.width, frame.height) != (width, height):
+                picture = picture.reformat(width=width, height=height, format="yuv420p")
+            if n == 0:
+                settings.configure(codec, width, height, 1 / rate, frame.colour, rate)
             picture.pts = n
             units += [split_annexb(bytes(packet)) for packet in codec.encode(picture)]
         units += [split_annexb(bytes(packet)) for packet in codec.encode(None)]
@@ -91,9 +89,14 @@ def encode_clip(
 
 @dataclass(slots=True)
 class PlayReport:
-    """What a play sent: per picture, the RTP timestamp and when its last packet left."""
+    """What a play sent: per picture, the RTP timestamp, when it was due and when its last packet left.
+
+    ``scheduled_at`` is the camera's clock (start + n / rate): a stalled event
+    loop sends late, and latency measured from ``sent_at`` would hide the stall.
+    """
 
     timestamps: list[int] = field(default_factory=list)
+    scheduled_at: list[float] = field(default_factory=list)  # time.monotonic()
     sent_at: list[float] = field(default_factory=list)  # time.monotonic()
     keyframes: list[bool] = field(default_factory=list)
     packets: int = 0
@@ -172,7 +175,8 @@ class RtpClipSender:
         for n in range(total):
             if stop is not None and stop.is_set():
                 break
-            delay = start + float(n / rate) - time.monotonic()
+            due = start + float(n / rate)
+            delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             unit = self.clip.access_units[(start_frame + n) % len(self.clip.access_units)]
@@ -187,6 +191,7 @@ class RtpClipSender:
                 self._transport.sendto(datagram)
                 report.packets += 1
             report.timestamps.append(timestamp)
+            report.scheduled_at.append(due)
             report.sent_at.append(time.monotonic())
             report.keyframes.append(h264_access_unit_is_intra(unit))
         return report

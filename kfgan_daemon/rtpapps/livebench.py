@@ -1,0 +1,350 @@
+"""``kfgan-daemon bench --live``: a clip sent as real-time H.264 RTP through the pipe on loopback.
+
+What is measured, per frame: from the moment the camera was due to send it
+(start + n / rate, the camera's own clock) to the moment the pipe's encoder and
+socket had sent its output picture: the latency the daemon adds on a call. The
+schedule, not the moment the sender got round to it, because sender and pipe
+share one event loop here: a loop stalled by the pipe would send late and hide
+its own stall. And the frame rate the pipe's output sustains, counted by a
+separate socket that receives it. The clip is encoded once before the run so
+that the fake camera costs almost nothing; the first ``warmup`` seconds (model
+and detector start-up) are sent but not counted. The machine's load average is
+recorded with the result: on a shared machine the numbers mean little without it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kfgan_daemon.engine.engine import StreamEngine
+from kfgan_daemon.engine.settings import EngineSettings, OverloadPolicy
+from kfgan_daemon.engine.stream import Outcome
+from kfgan_daemon.rtpapps.clipsender import RtpClipSender, encode_clip
+from kfgan_daemon.rtpapps.pipe import PIPE_MAX_LATENCY, EncoderOptions, PipeSummary, SentFrame, run_pipe
+
+if TYPE_CHECKING:
+    from kfgan_daemon.engine.inference import BatchGenerator
+    from kfgan_daemon.restore import RestoreSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LiveBenchResult:
+    clip: str
+    width: int
+    height: int
+    target_fps: float
+    seconds: float  # measured period (after the warm-up)
+    frames_sent: int  # by the fake camera in the measured period
+    frames_out: int  # output by the pipe, in the measured period
+    frames_received: int  # of the pipe's output, by a separate socket, in the measured period
+    restored: int
+    carried_forward: int  # too late to restore: the last correction carried onto them
+    no_face: int
+    no_keyframe: int
+    shed: int  # too late to restore, nothing to carry: sent unrestored
+    dropped: int  # sent by the camera, never output (overload with policy drop, or lost)
+    errors: int  # an exception on the frame: sent unrestored
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_max_ms: float | None
+    sustained_fps: float  # output frames per second at the receiving socket (the slowest stream's)
+    policy: str
+    generator: str
+    cpu_ms_per_frame: float | None = None  # this process's CPU time per frame sent, all threads
+    # CPU ms per frame by thread role (engine face threads, inference, decode, output, event loop):
+    # how the work spreads over the cores
+    thread_cpu_ms: dict[str, float] = field(default_factory=dict)
+    stage_ms: dict[str, float] = field(default_factory=dict)  # engine stage medians
+    load_average: tuple[float, float, float] | None = None  # os.getloadavg() when the measurement ended
+    streams: int = 1  # cameras sending at once through one engine; counts are over all of them
+    # Where the added latency goes, (median, p95) ms of each leg: "camera late" (due -> its last packet
+    # sent: the shared event loop's delay), "network" (sent -> arrived), "engine" (arrived -> output
+    # ready: decode, face stage, generator, paste), "output" (ready -> encoded and sent)
+    latency_legs_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def core_share(self) -> float:
+        """CPU cores the process kept busy on average (CPU time per frame over the frame interval)."""
+        return (self.cpu_ms_per_frame or 0.0) * self.target_fps / 1000.0
+
+    def percent(self, count: int) -> float:
+        """``count`` as a percentage of the frames the camera sent in the measured period."""
+        return 100.0 * count / self.frames_sent if self.frames_sent else 0.0
+
+    def describe(self) -> str:
+        def ms(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.1f} ms"
+
+        stages = ", ".join(f"{name} {value:.1f} ms" for name, value in self.stage_ms.items())
+        load = "n/a" if self.load_average is None else " ".join(f"{value:.2f}" for value in self.load_average)
+        return "\n".join(
+            [
+                f"live bench: {self.clip} as {self.streams} x {self.width}x{self.height} H.264 RTP at {self.target_fps:g} FPS "
+                f"for {self.seconds:.1f} s ({self.generator}, overload policy {self.policy}; load average {load})",
+                f"  added latency per frame, from its scheduled send time: median {ms(self.latency_p50_ms)}, "
+                f"p95 {ms(self.latency_p95_ms)}, max {ms(self.latency_max_ms)}",
+                "  legs (median/p95): "
+                + ", ".join(f"{name} {p50:.1f}/{p95:.1f} ms" for name, (p50, p95) in self.latency_legs_ms.items()),
+                f"  sustained output: {self.sustained_fps:.1f} FPS ({self.frames_received} frames received of "
+                f"{self.frames_sent} sent)",
+                f"  frames: {self.restored} restored ({self.percent(self.restored):.1f}%), {self.carried_forward} "
+                f"carried forward ({self.percent(self.carried_forward):.1f}%), {self.shed} shed unrestored "
+                f"({self.percent(self.shed):.1f}%), {self.no_face} without a face, {self.no_keyframe} before a "
+                f"keyframe, {self.dropped} dropped, {self.errors} errors",
+                f"  CPU: {self.cpu_ms_per_frame:.1f} ms per frame (all threads of the process; "
+                f"{self.core_share:.2f} cores at this frame rate): "
+                + ", ".join(f"{name} {value:.1f}" for name, value in self.thread_cpu_ms.items())
+                if self.cpu_ms_per_frame is not None
+                else "  CPU: not measured",
+                f"  engine stages (median): {stages}" if stages else "  engine stages: none measured",
+            ]
+        )
+
+
+class _OutputCounter(asyncio.DatagramProtocol):
+    """Counts the pipe's output pictures (RTP packets with the marker bit) and when each arrived."""
+
+    def __init__(self) -> None:
+        self.frames: list[float] = []
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if len(data) >= 12 and data[1] & 0x80 and not 192 <= data[1] <= 223:
+            self.frames.append(time.monotonic())
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One camera, its pipe (a stream of the shared engine) and the socket counting what comes out."""
+
+    sender: RtpClipSender
+    counter: _OutputCounter
+    transport: asyncio.DatagramTransport
+    sent: list[SentFrame] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def output(self) -> str:
+        return f"rtp://127.0.0.1:{self.transport.get_extra_info('sockname')[1]}"
+
+
+async def live_bench(
+    clip: Path,
+    generator: "BatchGenerator",
+    seconds: float = 10.0,
+    fps: float | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+    warmup: float = 2.0,
+    crf: int = 30,
+    gop: int | None = None,
+    policy: OverloadPolicy = "passthrough",
+    engine_settings: EngineSettings | None = None,
+    restore_settings: "RestoreSettings | None" = None,
+    output_encoder: EncoderOptions = EncoderOptions(),
+    streams: int = 1,
+) -> LiveBenchResult:
+    """Send ``clip`` (looped, resized to ``size`` = (width, height), at ``fps`` or its own rate) through
+    the pipe for ``warmup + seconds`` and measure the last ``seconds``.
+
+    ``streams`` cameras send at once, each through a pipe of its own, all sharing one
+    engine (their faces batched on one generator): how many calls a machine carries.
+    """
+    if streams < 1:
+        raise ValueError("streams must be at least 1")
+    rate = Fraction(fps).limit_denominator(1001) if fps is not None else None
+    total_seconds = warmup + seconds
+    loop = asyncio.get_running_loop()
+    encoded = await loop.run_in_executor(
+        None,
+        lambda: encode_clip(
+            clip,
+            size=size,
+            frame_rate=rate,
+            crf=crf,
+            gop=gop or round(2 * (rate or 25)),
+            max_frames=None if rate is None else int(total_seconds * rate) + 1,
+        ),
+    )
+    rate = encoded.frame_rate
+    settings = engine_settings or EngineSettings(max_latency=PIPE_MAX_LATENCY)
+    engine = StreamEngine(generator, settings)
+    await engine.start()
+    stop = asyncio.Event()
+    lanes: list[_Lane] = []
+    pipes: list[asyncio.Task[PipeSummary]] = []
+    try:
+        await engine.warm_up(restore_settings)
+        for _ in range(streams):
+            counter = _OutputCounter()
+            transport, _ = await loop.create_datagram_endpoint(lambda c=counter: c, local_addr=("127.0.0.1", 0))
+            lanes.append(_Lane(RtpClipSender(encoded, "127.0.0.1", _free_udp_port()), counter, transport))
+        with tempfile.TemporaryDirectory(prefix="kfgan-livebench-") as folder:
+            for n, lane in enumerate(lanes, 1):
+                input_sdp = Path(folder) / f"in-{n}.sdp"
+                input_sdp.write_text(lane.sender.session_description().to_sdp())
+                pipes.append(
+                    asyncio.create_task(
+                        run_pipe(
+                            input_sdp,
+                            lane.output,
+                            generator,
+                            encoder=output_encoder,
+                            policy=policy,
+                            restore_settings=restore_settings,
+                            stop=stop,
+                            on_sent=lane.sent.append,
+                            on_ready=lambda _, ready=lane.ready: ready.set(),
+                            handle_signals=False,
+                            engine=engine,
+                            stream_id=f"pipe-{n}",
+                        ),
+                        name=f"kfgan-livebench-pipe-{n}",
+                    )
+                )
+            try:
+                await asyncio.wait_for(asyncio.gather(*(lane.ready.wait() for lane in lanes)), 30)
+                cpu_start = asyncio.create_task(_cpu_times_after(warmup))
+                async with contextlib.AsyncExitStack() as senders:
+                    for lane in lanes:
+                        await senders.enter_async_context(lane.sender)
+                    reports = await asyncio.gather(*(lane.sender.play(seconds=total_seconds) for lane in lanes))
+                threads_before, process_before = await cpu_start
+                threads_after, cpu_seconds = _thread_cpu_seconds(), time.process_time() - process_before
+                await asyncio.sleep(max(0.5, 2 * settings.max_latency))
+            finally:
+                stop.set()
+                summaries = await asyncio.gather(*pipes)
+    finally:
+        for lane in lanes:
+            lane.transport.close()
+        await engine.stop(drain=False)
+    latencies: list[float] = []
+    legs: dict[str, list[float]] = {"camera late": [], "network": [], "engine": [], "output": []}
+    outcomes: list[Outcome] = []
+    frames_sent = frames_out = frames_received = 0
+    rates = []
+    for lane, report in zip(lanes, reports):
+        measured_from = report.scheduled_at[0] + warmup if report.scheduled_at else 0.0
+        due = dict(zip(report.timestamps, report.scheduled_at))
+        sent_at = dict(zip(report.timestamps, report.sent_at))
+        measured = [item for item in lane.sent if due.get(item.output.frame.pts, 0.0) >= measured_from]
+        for item in measured:
+            pts = item.output.frame.pts
+            latencies.append(item.sent_at - due[pts])
+            legs["camera late"].append(sent_at[pts] - due[pts])
+            legs["network"].append(item.output.arrival - sent_at[pts])
+            legs["engine"].append(item.output.emitted - item.output.arrival)
+            legs["output"].append(item.sent_at - item.output.emitted)
+        outcomes += [item.output.outcome for item in measured]
+        frames_sent += sum(1 for at in report.scheduled_at if at >= measured_from)
+        frames_out += len(measured)
+        received = [at for at in lane.counter.frames if at >= measured_from]
+        frames_received += len(received)
+        rates.append(_rate(received))
+    cpu_ms_per_frame = 1000 * cpu_seconds / frames_sent if frames_sent else None
+    thread_cpu_ms = {
+        role: 1000 * (seconds - threads_before.get(role, 0.0)) / frames_sent
+        for role, seconds in threads_after.items()
+        if frames_sent
+    }
+    for summary in summaries:
+        log.info("live bench pipe summary: %s", summary.describe())
+    return LiveBenchResult(
+        clip=str(clip),
+        width=encoded.width,
+        height=encoded.height,
+        target_fps=float(rate),
+        seconds=seconds,
+        frames_sent=frames_sent,
+        frames_out=frames_out,
+        frames_received=frames_received,
+        restored=outcomes.count(Outcome.RESTORED),
+        carried_forward=outcomes.count(Outcome.CARRIED_FORWARD),
+        no_face=outcomes.count(Outcome.NO_FACE),
+        no_keyframe=outcomes.count(Outcome.NO_KEYFRAME),
+        shed=outcomes.count(Outcome.SHED),
+        errors=outcomes.count(Outcome.ERROR),
+        dropped=max(0, frames_sent - frames_out),
+        latency_p50_ms=_quantile_ms(latencies, 0.5),
+        latency_p95_ms=_quantile_ms(latencies, 0.95),
+        latency_max_ms=_quantile_ms(latencies, 1.0),
+        latency_legs_ms={
+            name: (float(np.median(values) * 1000), float(np.quantile(values, 0.95) * 1000))
+            for name, values in legs.items()
+            if values
+        },
+        sustained_fps=min(rates),
+        policy=policy,
+        generator=type(getattr(generator, "module", generator)).__name__,
+        cpu_ms_per_frame=cpu_ms_per_frame,
+        thread_cpu_ms=dict(sorted(thread_cpu_ms.items(), key=lambda item: -item[1])),
+        stage_ms=summaries[0].stage_median_ms,
+        load_average=os.getloadavg(),
+        streams=streams,
+    )
+
+
+async def _cpu_times_after(seconds: float) -> tuple[dict[str, float], float]:
+    await asyncio.sleep(seconds)
+    return _thread_cpu_seconds(), time.process_time()
+
+
+def _thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process's threads, summed by role: a Python thread's name less its
+    number, "event loop" for the main thread, "native" for threads of C libraries (x264's and
+    FFmpeg's own threads, OpenMP). Linux only (``/proc/self/task``); elsewhere empty. Threads
+    that ended are not counted."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    names = {
+        thread.native_id: (
+            "event loop" if thread is threading.main_thread() else thread.name.rstrip("0123456789").rstrip("_-")
+        )
+        for thread in threading.enumerate()
+    }
+    roles: dict[str, float] = {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return roles
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        role = names.get(int(task), "native")
+        roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return roles
+
+
+def _quantile_ms(values: list[float], q: float) -> float | None:
+    return float(np.quantile(values, q) * 1000) if values else None
+
+
+def _rate(times: list[float]) -> float:
+    if len(times) < 2 or times[-1] <= times[0]:
+        return 0.0
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

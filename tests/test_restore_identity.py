@@ -1,0 +1,113 @@
+"""One person's keyframes never restore another: the identity watch on a real cut between two people."""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from kfgan_daemon.face.identity import SAME_PERSON_DISTANCE, descriptor_distance
+from kfgan_daemon.media import FileSource
+from kfgan_daemon.restore import RestoreSettings, StreamRestorer
+from kfgan_daemon.restore.identity import IdentityWatch
+
+FRAMES_EACH = 50
+FPS = 25
+
+
+def _pictures(path: Path, count: int) -> list[av.VideoFrame]:
+    with av.open(str(path)) as container:
+        pictures = []
+        for picture in container.decode(video=0):
+            pictures.append(picture.reformat(format="yuv420p"))
+            if len(pictures) == count:
+                return pictures
+    pytest.skip(f"{path} has fewer than {count} frames")
+
+
+def _join_as_a_call(first: Path, second: Path, destination: Path) -> int:
+    """The first clip's frames then the second's, one H.264 stream at CRF 42 with an I-frame a second
+    (x264 also puts one at the cut, as any encoder with scene-cut detection does); returns the cut's index."""
+    pictures = _pictures(first, FRAMES_EACH) + _pictures(second, FRAMES_EACH)
+    with av.open(str(destination), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = pictures[0].width, pictures[0].height, "yuv420p"
+        stream.options = {"crf": "42", "g": str(FPS), "bf": "0"}
+        for index, picture in enumerate(pictures):
+            picture.pts, picture.time_base = index, Fraction(1, FPS)
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode(None))
+    return FRAMES_EACH
+
+
+@pytest.mark.shared
+def test_no_frame_of_the_second_person_is_restored_with_a_keyframe_of_the_first(
+    media_dir: Path, tmp_path: Path
+) -> None:
+    joined = tmp_path / "joined.mp4"
+    cut = _join_as_a_call(media_dir / "d12.mp4", media_dir / "d3.mp4", joined)
+    restorer = StreamRestorer(RestoreSettings())
+    jobs = {}
+    with FileSource(joined) as source:
+        for frame in source:
+            job = restorer.prepare(frame)
+            if job is not None:
+                jobs[frame.index] = job
+    first = {index: job for index, job in jobs.items() if index < cut}
+    second = {index: job for index, job in jobs.items() if index >= cut}
+    assert len(first) > FRAMES_EACH // 2 and len(second) > FRAMES_EACH // 2, "both faces should be restored"
+    borrowed = {index: job.key_id for index, job in second.items() if job.key_id < cut}
+    assert not borrowed, f"second person's frames restored with the first person's keyframes: {borrowed}"
+    assert {job.store_epoch for job in second.values()}.isdisjoint({job.store_epoch for job in first.values()})
+    assert restorer.identity.stats.changes >= 1 and restorer.stats.store_clears >= 1
+    # Within one person the store is never emptied: every first-person job is of one epoch.
+    assert len({job.store_epoch for job in first.values()}) == 1
+
+
+@pytest.mark.shared
+def test_descriptors_tell_the_two_people_apart_and_each_from_itself(media_dir: Path) -> None:
+    from kfgan_daemon.face import FaceTracker, align_frame
+    from kfgan_daemon.face.identity import FaceDescriber
+    from kfgan_daemon.media.frame import DecodedFrame
+
+    describer = FaceDescriber()
+    tracker = FaceTracker()
+    descriptors: dict[str, list[np.ndarray]] = {}
+    for name in ("d12", "d3"):
+        tracker.reset()
+        for index, picture in enumerate(_pictures(media_dir / f"{name}.mp4", 31)):
+            frame = DecodedFrame.from_av(picture, index)
+            landmarks = tracker.update(frame.luma)
+            if index % 15 == 0 and landmarks is not None:
+                aligned = align_frame(frame, landmarks)
+                descriptors.setdefault(name, []).append(describer.describe(aligned.crop, aligned.crop_landmarks))
+    assert len(descriptors["d12"]) >= 2 and len(descriptors["d3"]) >= 2
+    for person in descriptors.values():
+        assert descriptor_distance(person[0], person[-1]) < SAME_PERSON_DISTANCE
+    assert descriptor_distance(descriptors["d12"][0], descriptors["d3"][0]) > SAME_PERSON_DISTANCE
+
+
+def test_identity_watch_follows_the_first_person_and_flags_a_stranger() -> None:
+    class Table:
+        """Descriptors looked up by the crop's first pixel: 1 and 2 are one person, 9 another."""
+
+        vectors = {1: np.zeros(128), 2: np.full(128, 0.02), 9: np.full(128, 0.2)}
+
+        def describe(self, crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+            return self.vectors[int(crop[0, 0, 0])]
+
+    watch = IdentityWatch(Table(), lost_seconds=2.0, max_distance=SAME_PERSON_DISTANCE)
+    crop = lambda tag: np.full((256, 256, 3), tag, np.uint8)  # noqa: E731
+    marks = np.zeros((68, 2))
+    assert not watch.changed(crop(1), marks)  # the first face becomes the person
+    assert not watch.changed(crop(2), marks)  # 0.23 away: the same person
+    assert watch.changed(crop(9), marks)  # 2.3 away: someone else, who becomes the person
+    assert not watch.changed(crop(9), marks)
+    assert (watch.stats.descriptors, watch.stats.changes) == (4, 1)
+    # Gone for 2 s exactly is not longer than the set time; a moment more is.
+    assert not watch.face_missing(10.0) and not watch.face_missing(12.0) and watch.face_missing(12.1)
+    assert not watch.face_missing(20.0), "one timeout per absence"
+    assert not watch.face_present(20.1)
+    assert not watch.changed(crop(1), marks), "after a timeout the next face is taken as the person"
