@@ -27,7 +27,7 @@ app = typer.Typer(
 
 CheckpointOpt = Annotated[
     Optional[Path],
-    typer.Option("--checkpoint", "-c", help="Generator checkpoint (.safetensors or the published .pth); default: the shipped lite model."),
+    typer.Option("--checkpoint", "-c", help="Generator checkpoint (.safetensors or the published .pth); default: the shipped guided model (models/kfgan-guided.safetensors)."),
 ]
 VariantOpt = Annotated[Optional[str], typer.Option(help="Architecture of the checkpoint: full, guided or lite (default: from the file).")]
 DeviceOpt = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")]

@@ -62,7 +62,7 @@ class ModelSpec:
 
     @classmethod
     def default(cls) -> "ModelSpec":
-        """The model ``restore`` uses when none is named ($KFGAN_MODEL, else the shipped lite model)."""
+        """The model ``restore`` uses when none is named ($KFGAN_MODEL, else the shipped guided model)."""
         from kfgan_daemon.restore.model_choice import resolve_model_path
 
         path = resolve_model_path(None)

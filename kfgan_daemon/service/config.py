@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     )
 
     # model
-    model: Path | None = Field(None, description="generator checkpoint; the shipped lite model when unset")
+    model: Path | None = Field(None, description="generator checkpoint; the shipped guided model when unset")
     variant: Literal["full", "guided", "lite"] | None = Field(None, description="architecture when the checkpoint does not say")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
     half: bool = Field(False, description="float16 inference (CUDA only)")
