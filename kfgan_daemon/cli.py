@@ -367,12 +367,29 @@ def evaluate(
     max_frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per clip at most.")] = None,
     device: DeviceOpt = "cpu",
     vmaf: Annotated[bool, typer.Option("--vmaf", help="Add VMAF and VMAF-NEG (needs the optional vmaf-torch).")] = False,
+    end_to_end: Annotated[bool, typer.Option(
+        "--end-to-end",
+        help="Restore each compressed clip as `restore` does (hq and plain senders, with and without keyframes) "
+             "and compare the decoded Y planes with the original's; writes end_to_end.json/.md.",
+    )] = False,
 ) -> None:
     """Compress clips, restore them, and report PSNR/SSIM per clip and on average, with an example grid."""
     from kfgan_daemon.eval.evaluate import evaluate as run_eval
     from kfgan_daemon.eval.report import render_markdown
     from kfgan_daemon.restore.model_choice import resolve_model_path
 
+    if end_to_end:
+        from kfgan_daemon.eval import end_to_end as e2e
+        from kfgan_daemon.eval.evaluate import list_clips
+        from kfgan_daemon.restore.model_choice import open_generator
+
+        if model is not None and len(model) != 1:
+            raise typer.BadParameter("--end-to-end measures one model at a time", param_hint="--model")
+        generator = open_generator(model[0] if model else None, device=device)
+        results = e2e.evaluate_end_to_end(list_clips(clips), generator, crf=crf, max_frames=max_frames)
+        e2e.write_reports(results, crf, out)
+        typer.echo(e2e.render_markdown(results, crf))
+        return
     models = model or [str(resolve_model_path(None))]
     report = run_eval(
         clips,

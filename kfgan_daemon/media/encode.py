@@ -82,9 +82,13 @@ def degrade_like_a_call(
     gop_seconds: float = 1.0,
     max_frames: int | None = None,
     audio: bool = True,
+    x264_options: Mapping[str, str] | None = None,
 ) -> int:
     """``src`` as a call would deliver it: libx264 at ``crf`` with an I-frame at least every
-    ``gop_seconds`` (x264's scene cuts may add more); returns the frames written."""
+    ``gop_seconds`` (x264's scene cuts may add more); returns the frames written.
+    ``x264_options`` shape the sender further (e.g. a lower quantiser for I-frames)."""
     with FileSource(src) as source:
         gop = max(1, round(float(source.frame_rate) * gop_seconds))
-    return encode_h264_file(src, dst, crf=crf, gop=gop, max_frames=max_frames, audio=audio)
+    return encode_h264_file(
+        src, dst, crf=crf, gop=gop, max_frames=max_frames, audio=audio, x264_options=x264_options
+    )
