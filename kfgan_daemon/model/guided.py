@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kfgan_daemon.model.lite import ResidualBlock
+
 __all__ = ["GuidedGenerator"]
 
 _SLOPE = 0.2
@@ -36,16 +38,6 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int
 
 def _act(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, _SLOPE)
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = _conv(channels, channels)
-        self.conv2 = _conv(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(_act(self.conv1(x)))
 
 
 class LocalAttention(nn.Module):
