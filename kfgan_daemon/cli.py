@@ -340,6 +340,7 @@ def dataset_build(
         )
     options = BuildOptions(
         crfs=tuple(spec.crfs),
+        senders=tuple(spec.senders),
         keyint_seconds=spec.keyint_seconds,
         sample_every=spec.sample_every,
         sample_offset=spec.sample_offset,
@@ -366,7 +367,8 @@ def evaluate(
     reference_mode: Annotated[str, typer.Option(help="hq (keyframes from the original) or stream (decoded I-frames).")] = "hq",
     max_frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per clip at most.")] = None,
     device: DeviceOpt = "cpu",
-    vmaf: Annotated[bool, typer.Option("--vmaf", help="Add VMAF and VMAF-NEG (needs the optional vmaf-torch).")] = False,
+    vmaf: Annotated[bool, typer.Option("--vmaf", help="Add VMAF and VMAF-NEG (needs the optional vmaf-torch); "
+                                                      "with --end-to-end, over whole decoded Y planes.")] = False,
     end_to_end: Annotated[bool, typer.Option(
         "--end-to-end",
         help="Restore each compressed clip as `restore` does (hq and plain senders, with and without keyframes) "
@@ -386,7 +388,7 @@ def evaluate(
         if model is not None and len(model) != 1:
             raise typer.BadParameter("--end-to-end measures one model at a time", param_hint="--model")
         generator = open_generator(model[0] if model else None, device=device)
-        results = e2e.evaluate_end_to_end(list_clips(clips), generator, crf=crf, max_frames=max_frames)
+        results = e2e.evaluate_end_to_end(list_clips(clips), generator, crf=crf, max_frames=max_frames, vmaf=vmaf)
         e2e.write_reports(results, crf, out)
         typer.echo(e2e.render_markdown(results, crf))
         return

@@ -15,8 +15,12 @@ from kfgan_daemon.eval.end_to_end import (
     NO_REFERENCE_ROW,
     WithoutReference,
     evaluate_end_to_end,
+    measure,
+    render_markdown,
     write_reports,
 )
+from kfgan_daemon.media.encode import degrade_like_a_call
+from kfgan_daemon.eval.vmaf import vmaf_unavailable_reason
 from kfgan_daemon.restore.generator import CropGenerator
 from kfgan_daemon.restore.job import FaceJob
 
@@ -56,6 +60,7 @@ def test_unchanged_generator_scores_as_its_input_and_reports_are_written(clip: P
             assert abs(result.rows[key].frame_psnr - base.frame_psnr) < 0.1
             assert result.rows[key].face_flicker == pytest.approx(base.face_flicker, abs=0.05)
         assert 25 < base.face_psnr < 45 and 0.5 < base.face_ssim < 1
+        assert base.vmaf is None and base.vmaf_neg is None
     hq, stream = (r.rows[INPUT_ROW] for r in results)
     # The hq sender's later I-frames are quantised much finer, so its input is better.
     assert hq.face_psnr > stream.face_psnr
@@ -64,6 +69,25 @@ def test_unchanged_generator_scores_as_its_input_and_reports_are_written(clip: P
     assert set(payload["averages"]) == {"hq", "stream"}
     markdown = (tmp_path / "report" / "end_to_end.md").read_text()
     assert "| hq | restored, no reference |" in markdown and "| d12 | stream | 30 |" in markdown
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(vmaf_unavailable_reason() is not None, reason=vmaf_unavailable_reason() or "")
+def test_vmaf_of_each_row_on_a_tiny_clip(clip: Path, tmp_path: Path) -> None:
+    frames = 6
+    received, again = tmp_path / "received.mp4", tmp_path / "again.mp4"
+    degrade_like_a_call(clip, received, 42, max_frames=frames, audio=False)
+    degrade_like_a_call(received, again, 42, audio=False)
+    rows = {INPUT_ROW: received, MODEL_ROW: again, NO_REFERENCE_ROW: again}
+    result = measure(clip, rows, "d12", "stream", vmaf=True)
+    assert result.frames == frames
+    once, twice = result.rows[INPUT_ROW], result.rows[MODEL_ROW]
+    assert once.vmaf is not None and once.vmaf_neg is not None and twice.vmaf_neg is not None
+    # CRF 42 is a visibly degraded call: below transparent (about 95), far above useless; NEG never exceeds VMAF.
+    assert 20 < once.vmaf_neg <= once.vmaf < 95
+    # Compressing the call a second time can only lose more.
+    assert twice.vmaf_neg < once.vmaf_neg
+    assert "| VMAF-NEG |" in render_markdown([result], 42)
 
 
 def test_the_ablation_withholds_the_keyframe() -> None:

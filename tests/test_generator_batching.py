@@ -42,7 +42,7 @@ async def test_full_model_restores_two_streams_in_one_batch_as_it_would_one_by_o
     (record,) = worker.recent
     assert record.size == 2 and record.streams == {"cam0", "cam1"}
     for one, together in zip(alone, batched):
-        assert np.abs(one.astype(int) - together).max() <= 1
+        assert np.abs(one - together).max() < 0.5  # levels: batched kernels sum in another order
 
 
 def test_half_precision_is_refused_on_the_cpu() -> None:

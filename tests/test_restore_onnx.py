@@ -33,8 +33,8 @@ def test_onnxruntime_matches_torch_on_batches() -> None:
         got = onnx_generator(batch)
         assert len(got) == len(batch)
         for restored, reference in zip(got, expected):
-            assert restored.dtype == np.uint8 and restored.shape == (256, 256, 3)
-            assert np.abs(restored.astype(int) - reference).max() <= 1
+            assert restored.dtype == np.float32 and restored.shape == (256, 256, 3)
+            assert np.abs(restored - reference).max() < 0.01  # levels: the same arithmetic, reordered
     assert any(not np.array_equal(crop, j.compressed) for crop, j in zip(expected, jobs))
 
 

@@ -44,6 +44,8 @@ def test_options_are_checked() -> None:
         ds.BuildOptions(crfs=(60,)).check()
     with pytest.raises(ConfigError, match="keyint"):
         ds.BuildOptions(keyint_seconds=0).check()
+    with pytest.raises(ConfigError, match="dataset.senders: unknown sender 'fast'"):
+        ds.BuildOptions(senders=("fast",)).check()
     with pytest.raises(ConfigError, match="reference mode"):
         ds.reference_key("best")
 
@@ -205,6 +207,33 @@ def test_an_interrupted_build_keeps_finished_files(clips: Path, built: Path, tmp
     before = (out / "dpe_s_crf42.npz").stat().st_mtime_ns
     ds.build_dataset(clips, out, OPTIONS, progress=False)
     assert (out / "dpe_s_crf42.npz").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_adding_the_hq_sender_keeps_the_plain_files_and_adds_fine_keyframes(
+    clips: Path, built: Path, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    out = tmp_path / "senders"
+    shutil.copytree(built, out)
+    before = (out / "dpe_s_crf42.npz").stat().st_mtime_ns
+    manifest = ds.build_dataset(clips, out, replace(OPTIONS, senders=("stream", "hq")), progress=False)
+    assert (out / "dpe_s_crf42.npz").stat().st_mtime_ns == before
+    assert manifest.files["dpe_s_crf42.npz"]["sender"] == "stream"
+    assert manifest.files["dpe_s_crf42_hq.npz"]["sender"] == "hq"
+    assert len(manifest.files) == 6
+
+    def keyframe_error(name: str) -> float:
+        with np.load(out / name) as arrays:
+            on_key = arrays[ds.FRAME_INDEX] == arrays[ds.KEY_INDEX]
+            stream, target = arrays[ds.REFERENCE_STREAM][on_key], arrays[ds.TARGET][on_key]
+        assert len(stream) == 1
+        return float(np.abs(stream.astype(float) - target).mean())
+
+    # The hq sender's decoded I-frame is far closer to the original than the plain sender's.
+    plain, fine = keyframe_error("eamm_MEAD_fear_crf42.npz"), keyframe_error("eamm_MEAD_fear_crf42_hq.npz")
+    assert fine < 0.6 * plain
 
 
 def test_the_build_command_refuses_a_config_without_held_out_persons(tmp_path: Path) -> None:

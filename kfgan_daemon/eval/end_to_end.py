@@ -7,11 +7,12 @@ compressed and the restored files are decoded in lockstep and compared on their
 Y planes: no crop, no RGB anywhere. The face is the bounding box of the 68
 landmarks tracked on the original, so no row picks the region it is judged on.
 
-Senders: ``stream`` is a plain x264 sender (its I-frames are as good as the CRF
-makes them); ``hq`` gives I-frames a much lower quantiser (x264's ``ipratio``),
-the sender the paper assumes. Rows: the compressed input, the model, and the
-model with its keyframe replaced by the compressed crop (the reference-free
-ablation that shows what keyframes add).
+Senders (:data:`kfgan_daemon.media.encode.SENDERS`): ``stream`` is a plain x264
+sender (its I-frames are as good as the CRF makes them); ``hq`` gives every
+I-frame a much lower quantiser, the sender the paper assumes. Rows: the
+compressed input, the model, and the model with its keyframe replaced by the
+compressed crop (the reference-free ablation that shows what keyframes add). With ``vmaf=True`` (needs the optional
+vmaf-torch) every row also gets VMAF and VMAF-NEG over whole decoded Y planes.
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ from pathlib import Path
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from kfgan_daemon.errors import MetricUnavailableError
 from kfgan_daemon.eval.flicker import FlickerMeter
+from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
 from kfgan_daemon.face import FaceTracker
 from kfgan_daemon.media import FileSource
-from kfgan_daemon.media.encode import degrade_like_a_call
+from kfgan_daemon.media.encode import SENDERS, degrade_like_a_call
 from kfgan_daemon.restore.file_job import restore_file
 from kfgan_daemon.restore.generator import CropGenerator
 from kfgan_daemon.restore.job import FaceJob
@@ -38,8 +41,6 @@ from kfgan_daemon.restore.settings import RestoreSettings
 
 log = logging.getLogger(__name__)
 
-# x264 quantises I-frames 6 * log2(ipratio) steps finer than P-frames: 12 steps at 4.
-SENDERS: dict[str, dict[str, str]] = {"hq": {"x264-params": "ipratio=4"}, "stream": {}}
 INPUT_ROW = "input"
 MODEL_ROW = "restored"
 NO_REFERENCE_ROW = "restored, no reference"
@@ -88,6 +89,8 @@ class RowScores:
     face_ssim: float
     frame_psnr: float
     face_flicker: float | None
+    vmaf: float | None = None
+    vmaf_neg: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +108,14 @@ def _face_box(landmarks: np.ndarray, height: int, width: int) -> tuple[int, int,
     return max(int(x0), 0), max(int(y0), 0), min(int(x1), width), min(int(y1), height)
 
 
-def measure(original: Path, rows: dict[str, Path], clip: str, sender: str) -> ClipScores:
-    """Compare each row's decoded luma with the original's, frame by frame (up to the shortest file)."""
+def measure(original: Path, rows: dict[str, Path], clip: str, sender: str, vmaf: bool = False) -> ClipScores:
+    """Compare each row's decoded luma with the original's, frame by frame (up to the shortest file).
+
+    ``vmaf`` adds VMAF and VMAF-NEG (raises MetricUnavailableError without vmaf-torch).
+    """
     errors = {key: _Errors() for key in rows}
     flicker = FlickerMeter()
+    vmaf_meter = VmafMeter() if vmaf else None
     tracker = FaceTracker()
     frames = face_frames = 0
     with ExitStack() as files:
@@ -128,13 +135,18 @@ def measure(original: Path, rows: dict[str, Path], clip: str, sender: str) -> Cl
                 mask[box[1]:box[3], box[0]:box[2]] = True
                 face_frames += 1
             flicker.add(truth.luma, lumas, mask)
+            if vmaf_meter is not None:
+                vmaf_meter.add(truth.luma, lumas)
             frames += 1
+    video = vmaf_meter.scores() if vmaf_meter is not None else {}
     scores = {
         key: RowScores(
             face_psnr=_psnr(e.face_squared, e.face_pixels),
             face_ssim=float(np.mean(e.face_ssim)) if e.face_ssim else math.nan,
             frame_psnr=_psnr(e.frame_squared, e.frame_pixels),
             face_flicker=flicker.flicker(key),
+            vmaf=video.get(key, {}).get("vmaf"),
+            vmaf_neg=video.get(key, {}).get("vmaf_neg"),
         )
         for key, e in errors.items()
     }
@@ -149,8 +161,11 @@ def evaluate_end_to_end(
     max_frames: int | None = None,
     settings: RestoreSettings | None = None,
     workdir: Path | None = None,
+    vmaf: bool = False,
 ) -> list[ClipScores]:
     """Compress, restore (with and without keyframes) and measure every clip for every sender."""
+    if vmaf and (reason := vmaf_unavailable_reason()) is not None:
+        raise MetricUnavailableError(reason)
     results = []
     with ExitStack() as scratch:
         folder = workdir or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="kfgan-eval-")))
@@ -165,7 +180,7 @@ def evaluate_end_to_end(
                 restore_file(received, restored, generator, settings, progress=False)
                 restore_file(received, ablation, WithoutReference(generator), settings, progress=False)  # type: ignore[arg-type]
                 rows = {INPUT_ROW: received, MODEL_ROW: restored, NO_REFERENCE_ROW: ablation}
-                scores = measure(clip, rows, clip.stem, sender)
+                scores = measure(clip, rows, clip.stem, sender, vmaf=vmaf)
                 log.info("end-to-end %s (%s sender): %s", clip.stem, sender, scores.rows)
                 results.append(scores)
     return results
@@ -178,14 +193,24 @@ def averages(results: Sequence[ClipScores], sender: str) -> dict[str, RowScores]
     out = {}
     for key in keys:
         rows = [r.rows[key] for r in chosen]
-        flickers = [row.face_flicker for row in rows if row.face_flicker is not None]
         out[key] = RowScores(
             face_psnr=float(np.mean([row.face_psnr for row in rows])),
             face_ssim=float(np.mean([row.face_ssim for row in rows])),
             frame_psnr=float(np.mean([row.frame_psnr for row in rows])),
-            face_flicker=float(np.mean(flickers)) if flickers else None,
+            face_flicker=_mean_of_known(row.face_flicker for row in rows),
+            vmaf=_mean_of_known(row.vmaf for row in rows),
+            vmaf_neg=_mean_of_known(row.vmaf_neg for row in rows),
         )
     return out
+
+
+def _mean_of_known(values: Iterable[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return float(np.mean(known)) if known else None
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def render_markdown(results: Sequence[ClipScores], crf: int) -> str:
@@ -193,14 +218,14 @@ def render_markdown(results: Sequence[ClipScores], crf: int) -> str:
         f"End to end through `restore`, CRF {crf}, decoded Y planes against the original "
         "(face: landmark box tracked on the original).",
         "",
-        "| sender | row | face PSNR (dB) | face SSIM | face flicker | frame PSNR (dB) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| sender | row | face PSNR (dB) | face SSIM | face flicker | frame PSNR (dB) | VMAF | VMAF-NEG |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for sender in dict.fromkeys(r.sender for r in results):
         for key, row in averages(results, sender).items():
-            flicker = "-" if row.face_flicker is None else f"{row.face_flicker:.3f}"
-            lines.append(f"| {sender} | {key} | {row.face_psnr:.2f} | {row.face_ssim:.4f} | {flicker} | "
-                         f"{row.frame_psnr:.2f} |")
+            lines.append(f"| {sender} | {key} | {row.face_psnr:.2f} | {row.face_ssim:.4f} | "
+                         f"{_cell(row.face_flicker, 3)} | {row.frame_psnr:.2f} | {_cell(row.vmaf, 2)} | "
+                         f"{_cell(row.vmaf_neg, 2)} |")
     lines += ["", "| clip | sender | frames | input face PSNR | restored (gain) | no reference (gain) |",
               "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in results:

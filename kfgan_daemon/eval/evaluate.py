@@ -34,12 +34,14 @@ from kfgan_daemon.eval.lpips import Lpips, LpipsWeights
 from kfgan_daemon.eval.report import ClipResult, EvalReport, Example, RowResult, average_rows, write_grid, write_json, write_markdown
 from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
 from kfgan_daemon.face import FaceTracker, align_frame, landmark_image, mls_warp, paste_face
+from kfgan_daemon.face.paste import paste_box
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.encode import degrade_like_a_call
 from kfgan_daemon.media.frame import DecodedFrame
-from kfgan_daemon.restore.generator import CropGenerator
+from kfgan_daemon.restore.generator import CropGenerator, as_picture
 from kfgan_daemon.restore.job import FaceJob
+from kfgan_daemon.restore.repeats import EmittedFrame, settle_repeated_pixels
 from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.restore.stream import landmark_smoother, stream_time
 
@@ -254,6 +256,8 @@ class _ClipMeasurement:
         self.vmaf = VmafMeter(device) if vmaf else None
         self.lpips = lpips
         self.flicker = FlickerMeter()
+        # Each row's last output, for the restorer's settling of repeated pixels.
+        self._emitted: dict[str, EmittedFrame] = {}
 
     def add(self, original: DecodedFrame, compressed: DecodedFrame, sample: _Sample | None) -> None:
         self.frames += 1
@@ -262,6 +266,7 @@ class _ClipMeasurement:
             # No face: the daemon passes the frame through, so every row sees the compressed frame.
             self._measure_frames(original, {key: compressed for key in self.rows})
             self.flicker.add(original.luma, {}, None)
+            self._emitted = {key: EmittedFrame(compressed, compressed) for key in self.rows}
             return
         self.face_frames += 1
         crops = {INPUT_KEY: sample.compressed}
@@ -277,26 +282,15 @@ class _ClipMeasurement:
             self.rows[model.name + NO_REFERENCE_SUFFIX].restored_frames += 1
             crops[model.name + NO_REFERENCE_SUFFIX] = outputs[-1]
             if candidate is not None:
-                candidate.restored[model.name] = outputs[0]
-                candidate.restored_without_reference[model.name] = outputs[-1]
+                candidate.restored[model.name] = as_picture(outputs[0])
+                candidate.restored_without_reference[model.name] = as_picture(outputs[-1])
         faces, images = {}, {}
         for key in self.rows:
             # A model row without a stored keyframe yet passes the face through, as the daemon does.
             crop = crops.get(key)
-            faces[key] = sample.compressed if crop is None else crop
-            pasted = crop is not None and key != INPUT_KEY
-            images[key] = (
-                paste_face(
-                    compressed,
-                    crop,
-                    sample.matrix,
-                    compressed=sample.compressed,
-                    mode=self.settings.paste_mode,
-                    mask=self.settings.paste_mask,
-                )
-                if pasted
-                else compressed
-            )
+            faces[key] = sample.compressed if crop is None else as_picture(crop)
+            images[key] = compressed if crop is None or key == INPUT_KEY else self._paste(key, compressed, crop, sample)
+            self._emitted[key] = EmittedFrame(compressed, images[key])
         self._measure_faces(sample.truth, faces)
         self._measure_frames(original, images)
         region = face_region_mask(sample.matrix, compressed.height, compressed.width)
@@ -314,6 +308,19 @@ class _ClipMeasurement:
             distances = self.lpips.distance(list(faces.values()), [truth] * len(faces))
             for key, distance in zip(faces, distances):
                 self.rows[key].face_lpips.append(distance)
+
+    def _paste(self, key: str, compressed: DecodedFrame, crop: np.ndarray, sample: _Sample) -> DecodedFrame:
+        """The frame a restorer with these settings sends for ``crop``: pasted, repeated pixels settled."""
+        pasted = paste_face(
+            compressed,
+            crop,
+            sample.matrix,
+            compressed=sample.compressed,
+            mode=self.settings.paste_mode,
+            mask=self.settings.paste_mask,
+        )
+        box = paste_box(sample.matrix, crop.shape[:2], compressed.width, compressed.height)
+        return settle_repeated_pixels(compressed, pasted, self._emitted.get(key), box, self.settings.repeat_update)
 
     def _measure_frames(self, original: DecodedFrame, images: dict[str, DecodedFrame]) -> None:
         for key, image in images.items():

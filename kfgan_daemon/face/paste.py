@@ -125,6 +125,11 @@ def published_mask(
     return cv2.multiply(soft, mask)
 
 
+def paste_box(matrix: np.ndarray, crop_size: tuple[int, int], width: int, height: int) -> Box | None:
+    """The even frame rectangle :func:`paste_face` may change (None: the crop lies outside the frame)."""
+    return crop_footprint(matrix, crop_size, width, height, margin=_MARGIN)
+
+
 def paste_face(
     frame: DecodedFrame,
     restored: np.ndarray,
@@ -150,7 +155,7 @@ def paste_face(
         raise InputError("paste mode 'correction' needs the compressed crop, the size of the restored one")
     out = frame.copy()
     crop_size = restored.shape[:2]
-    box = crop_footprint(matrix, crop_size, frame.width, frame.height, margin=_MARGIN)
+    box = paste_box(matrix, crop_size, frame.width, frame.height)
     if box is None:
         return out
     size = (box[2] - box[0], box[3] - box[1])

@@ -8,6 +8,13 @@ from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.media.sink import FileSink
 from kfgan_daemon.media.source import FileSource
 
+# How a call's sender sets up libx264 (extra x264 options on top of CRF and keyframe interval).
+# "hq": I-frames quantised 6 * log2(ipratio) = 12 steps finer than P-frames, the sender the
+# paper assumes. The very first frame has no P-frame quantiser to be finer than and would be
+# coded at the CRF's own level (QP 42 at CRF 42 where later I-frames get 31), so a zone gives
+# it the same factor. "stream": a plain x264 sender; its I-frames are as good as the CRF makes them.
+SENDERS: dict[str, dict[str, str]] = {"hq": {"x264-params": "ipratio=4:zones=0,0,b=4"}, "stream": {}}
+
 
 def encode_h264_file(
     src: str | os.PathLike[str],
@@ -83,12 +90,13 @@ def degrade_like_a_call(
     max_frames: int | None = None,
     audio: bool = True,
     x264_options: Mapping[str, str] | None = None,
+    preset: str = "medium",
 ) -> int:
     """``src`` as a call would deliver it: libx264 at ``crf`` with an I-frame at least every
     ``gop_seconds`` (x264's scene cuts may add more); returns the frames written.
-    ``x264_options`` shape the sender further (e.g. a lower quantiser for I-frames)."""
+    ``x264_options`` shape the sender further (e.g. ``SENDERS["hq"]``)."""
     with FileSource(src) as source:
         gop = max(1, round(float(source.frame_rate) * gop_seconds))
     return encode_h264_file(
-        src, dst, crf=crf, gop=gop, max_frames=max_frames, audio=audio, x264_options=x264_options
+        src, dst, crf=crf, gop=gop, preset=preset, max_frames=max_frames, audio=audio, x264_options=x264_options
     )

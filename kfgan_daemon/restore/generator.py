@@ -1,4 +1,11 @@
-"""Runs a generator module on batches of face jobs: uint8 crops in, uint8 crops out."""
+"""Runs a generator module on batches of face jobs: uint8 crops in, float32 crops out.
+
+The restored crops keep the generator's fractional levels (clamped to [0, 255],
+not rounded): the paste adds the difference between restored and compressed crop
+to the frame and rounds once, there. Rounding each crop first would add a fresh
++-0.5-level pattern to every frame's correction, which shows as flicker on a face
+that the generator leaves almost unchanged.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,11 +32,16 @@ def crops_to_tensor(crops: Sequence[np.ndarray], device: torch.device, dtype: to
 
 
 def tensor_to_crops(tensor: torch.Tensor) -> list[np.ndarray]:
-    """N x 3 x H x W RGB float -> RGB uint8 crops, clamped then rounded as the published code does
-    (on the tensor's device: only uint8 comes back from a GPU)."""
-    array = tensor.detach().float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+    """N x 3 x H x W RGB float in [0, 1] -> RGB float32 H x W x 3 crops in levels [0, 255], clamped
+    as the published code does but not rounded (see the module's docstring)."""
+    array = tensor.detach().float().clamp_(0.0, 1.0).mul_(255.0)
     array = array.permute(0, 2, 3, 1).cpu().numpy()
     return [np.ascontiguousarray(crop) for crop in array]
+
+
+def as_picture(crop: np.ndarray) -> np.ndarray:
+    """A restored crop rounded to uint8 levels, as a picture of it is shown or stored."""
+    return crop if crop.dtype == np.uint8 else np.rint(crop).astype(np.uint8)
 
 
 class CropGenerator:

@@ -93,8 +93,8 @@ class OnnxCropGenerator:
             for name, field in zip(_INPUTS, ("compressed", "reference", "landmark_image"))
         }
         (restored,) = self.session.run(None, feeds)
-        crops = np.clip(restored, 0.0, 1.0) * 255.0
-        crops = np.rint(crops).astype(np.uint8).transpose(0, 2, 3, 1)
+        # Float32 levels, clamped, not rounded: as CropGenerator returns them.
+        crops = (np.clip(restored, 0.0, 1.0) * np.float32(255.0)).transpose(0, 2, 3, 1)
         return [np.ascontiguousarray(crop) for crop in crops]
 
     def warm_up(self, batch_size: int = 1) -> None:

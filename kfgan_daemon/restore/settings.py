@@ -40,6 +40,11 @@ class RestoreSettings:
     # "continuous": a paste mask whose inset and softness follow the face size smoothly;
     # "published": the authors' integer erosion and blur, which jump as the face size changes.
     paste_mask: Literal["continuous", "published"] = "continuous"
+    # Where the decoder repeated a pixel of the previous frame exactly (a skipped block) and the
+    # paste changes it, the output moves this fraction of the way from the previous output towards
+    # the fresh restoration (see restore.repeats): a face the codec kept still stays still.
+    # 1: every frame's restoration is used as it comes.
+    repeat_update: float = 0.25
     # A frame the live engine cannot restore in time gets the last restored frame's correction,
     # moved with the face, if that frame is at most this many seconds of stream time older.
     carry_forward_seconds: float = 0.5

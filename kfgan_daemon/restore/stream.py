@@ -23,11 +23,13 @@ from kfgan_daemon.face import (
     paste_face,
 )
 from kfgan_daemon.face.identity import FaceDescriber
+from kfgan_daemon.face.paste import paste_box
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore.generator import CropGenerator
 from kfgan_daemon.restore.identity import IdentityWatch
 from kfgan_daemon.restore.job import FaceJob
+from kfgan_daemon.restore.repeats import EmittedFrame, settle_repeated_pixels
 from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.restore.timing import StageTimer
 
@@ -89,6 +91,8 @@ class StreamRestorer:
         self._correction: _Correction | None = None
         # The alignment of the last frame whose face was followed (None: no face there).
         self._last_matrix: np.ndarray | None = None
+        # The last frame that left through complete, carry_forward, pass_through or restore.
+        self._emitted: EmittedFrame | None = None
 
     @property
     def needs_keyframe(self) -> bool:
@@ -209,6 +213,7 @@ class StreamRestorer:
                 mode=self.settings.paste_mode,
                 mask=self.settings.paste_mask,
             )
+            restored = self._leave(frame, restored, job.matrix, restored_crop.shape[:2])
         self.stats.restored += 1
         self._correction = _Correction(restored_crop, job.compressed, job.store_epoch, stream_time(frame))
         return restored
@@ -245,6 +250,7 @@ class StreamRestorer:
                 mode="correction",
                 mask=self.settings.paste_mask,
             )
+            carried = self._leave(frame, carried, matrix, correction.restored.shape[:2])
         self.stats.carried_forward += 1
         return carried
 
@@ -252,13 +258,28 @@ class StreamRestorer:
         """Count a frame the engine sent unrestored because it was too late, with nothing to carry
         forward ("shed"), and return it unchanged."""
         self.stats.shed += 1
-        return frame
+        return self._leave(frame, frame)
+
+    def _leave(
+        self,
+        frame: DecodedFrame,
+        output: DecodedFrame,
+        matrix: np.ndarray | None = None,
+        crop_size: tuple[int, int] | None = None,
+    ) -> DecodedFrame:
+        """The frame as it goes out: pixels the codec repeated keep their restoration (see
+        :mod:`kfgan_daemon.restore.repeats`); remembered for the next frame."""
+        if matrix is not None and crop_size is not None:
+            box = paste_box(matrix, crop_size, frame.width, frame.height)
+            output = settle_repeated_pixels(frame, output, self._emitted, box, self.settings.repeat_update)
+        self._emitted = EmittedFrame(frame, output)
+        return output
 
     def restore(self, frame: DecodedFrame, generator: CropGenerator) -> DecodedFrame:
         """Restore one frame synchronously (the file path, tests and benchmarks)."""
         job = self.prepare(frame)
         if job is None:
-            return frame
+            return self._leave(frame, frame)
         with self.stats.timer.stage("generator"):
             (crop,) = generator([job])
         return self.complete(frame, job, crop)

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         "subpixel", description="subpixel: the crop follows the face smoothly; published: integer eye centres (parity)"
     )
     smooth_landmarks: bool = Field(True, description="One Euro filter on the landmarks (steadier crops, less shimmer)")
+    repeat_update: float = Field(
+        0.25, gt=0.0, le=1.0,
+        description="where the codec repeated a pixel of the previous frame, how far the output moves towards the "
+        "fresh restoration (1: not at all held)",
+    )
     identity_lost_seconds: float = Field(
         2.0, ge=0.0, le=3600.0, description="a face gone this long empties the stream's keyframe store"
     )
@@ -261,6 +266,7 @@ class Settings(BaseSettings):
             detector_path=self.detector_path,
             alignment=self.alignment,
             smooth_landmarks=self.smooth_landmarks,
+            repeat_update=self.repeat_update,
             identity_lost_seconds=self.identity_lost_seconds,
             identity_check=self.identity_check,
             identity_distance=self.identity_distance,

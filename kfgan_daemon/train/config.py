@@ -26,6 +26,8 @@ class DatasetSettings(_Section):
 
     videos: Path = Path("../shared/media")
     crfs: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    # Senders of kfgan_daemon.media.encode.SENDERS: "stream" (plain x264), "hq" (fine I-frames).
+    senders: list[Literal["stream", "hq"]] = Field(default_factory=lambda: ["stream"], min_length=1)
     keyint_seconds: float = Field(default=1.0, gt=0)
     sample_every: int = Field(default=5, ge=1)
     sample_offset: int = Field(default=5, ge=0)

@@ -1,8 +1,9 @@
 """Training samples from real talking-head videos, made the way the daemon sees a call.
 
-For each high-quality video and CRF: encode it with libx264 (fixed keyframe interval)
-from the video's own decoded YUV planes, decode original and compressed in lockstep,
-track the face on the compressed luma as the restorer does (same smoothing, same
+For each high-quality video, CRF and sender (:data:`kfgan_daemon.media.encode.SENDERS`:
+a plain x264 sender, and one whose I-frames are quantised much finer): encode it with
+libx264 (fixed keyframe interval) from the video's own decoded YUV planes, decode
+original and compressed in lockstep, track the face on the compressed luma as the restorer does (same smoothing, same
 alignment), keep I-frame crops in a :class:`KeyframeStore` (LFU, as in the paper), and
 for every sampled frame write the degraded crop, the chosen keyframe MLS-warped onto
 the frame's landmarks in both reference modes, and the ground truth aligned with the
@@ -10,14 +11,16 @@ same matrix.
 
 Both reference modes come from one pass: ``hq`` is the keyframe cut from the original
 video at the I-frame (the paper's high-quality keyframes), ``stream`` the same I-frame as
-decoded (what a plain x264 sender gives). Both are cut with the same matrix and stored
-under the same landmarks, so the store picks the same keyframe for either.
+decoded (what the sender gave: with the ``hq`` sender it is close to the original, and
+the P-frames predicted from it are better too, which a model must learn to leave alone).
+Both are cut with the same matrix and stored under the same landmarks, so the store
+picks the same keyframe for either.
 
 The only colour conversion is :func:`kfgan_daemon.media.colour.yuv_to_rgb`, applied to
 the decoded planes of both videos: the degraded crop is exactly what a receiver
 converts, never an RGB round trip of the original.
 
-One ``.npz`` of uint8 arrays per (video, CRF); crops are RGB. ``manifest.json`` records
+One ``.npz`` of uint8 arrays per (video, CRF, sender); crops are RGB. ``manifest.json`` records
 the options, who is who (persons) and where each video went: splits are by person,
 never by frame or clip, so validation and test faces are faces training never saw.
 Test videos get no sample files: they are measured end to end by ``kfgan-daemon eval``.
@@ -35,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from kfgan_daemon.errors import ConfigError, InputError
+from kfgan_daemon.media.encode import SENDERS
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,7 @@ class BuildOptions:
     """How samples are made; ``persons``/``validation``/``test`` say who goes where (see :func:`split_by_person`)."""
 
     crfs: tuple[int, ...] = (42,)
+    senders: tuple[str, ...] = ("stream",)
     keyint_seconds: float = 1.0
     sample_every: int = 5
     sample_offset: int = 5
@@ -169,6 +174,11 @@ class BuildOptions:
         for crf in self.crfs:
             if not 0 <= crf <= 51:
                 raise ConfigError(f"dataset.crfs: crf must be in [0, 51] for libx264, got {crf}")
+        if not self.senders:
+            raise ConfigError("dataset.senders: at least one sender is needed")
+        for sender in self.senders:
+            if sender not in SENDERS:
+                raise ConfigError(f"dataset.senders: unknown sender {sender!r}; expected one of {', '.join(SENDERS)}")
         if self.keyint_seconds <= 0:
             raise ConfigError(f"dataset.keyint_seconds must be > 0, got {self.keyint_seconds}")
         if self.max_frames is not None and self.max_frames < 1:
@@ -214,13 +224,18 @@ class DatasetManifest:
             raise InputError(f"{path} is not a dataset manifest: {exc}") from exc
 
 
-def encode_degraded(source: Path, target: Path, crf: int, keyint_seconds: float, preset: str, max_frames: int | None) -> int:
-    """libx264 at ``crf`` from the source's decoded planes, an I-frame every ``keyint_seconds``, no audio."""
-    from kfgan_daemon.media import FileSource, encode_h264_file
+def encode_degraded(
+    source: Path, target: Path, crf: int, keyint_seconds: float, preset: str, max_frames: int | None,
+    sender: str = "stream",
+) -> int:
+    """libx264 at ``crf`` as ``sender`` sets it up, from the source's decoded planes, an I-frame
+    every ``keyint_seconds``, no audio."""
+    from kfgan_daemon.media.encode import degrade_like_a_call
 
-    with FileSource(source) as frames:
-        gop = max(1, round(float(frames.frame_rate) * keyint_seconds))
-    return encode_h264_file(source, target, crf=crf, gop=gop, preset=preset, max_frames=max_frames, audio=False)
+    return degrade_like_a_call(
+        source, target, crf, gop_seconds=keyint_seconds, max_frames=max_frames, audio=False,
+        x264_options=SENDERS[sender], preset=preset,
+    )
 
 
 def collect_samples(original: Path, compressed: Path, options: BuildOptions) -> VideoSamples:
@@ -313,12 +328,17 @@ def _stack(rows: dict[str, list]) -> dict[str, np.ndarray]:
     return out
 
 
-def sample_file_name(video: str, crf: int) -> str:
-    return f"{video}_crf{crf}.npz"
+def _stem(video: str, crf: int, sender: str) -> str:
+    # The plain sender's files keep the names they had before senders existed.
+    return f"{video}_crf{crf}" if sender == "stream" else f"{video}_crf{crf}_{sender}"
 
 
-def encoded_file_name(video: str, crf: int) -> str:
-    return f"{video}_crf{crf}.mp4"
+def sample_file_name(video: str, crf: int, sender: str = "stream") -> str:
+    return f"{_stem(video, crf, sender)}.npz"
+
+
+def encoded_file_name(video: str, crf: int, sender: str = "stream") -> str:
+    return f"{_stem(video, crf, sender)}.mp4"
 
 
 def build_dataset(
@@ -331,11 +351,12 @@ def build_dataset(
 ) -> DatasetManifest:
     """Build training samples from every video in ``videos_dir`` into ``out_dir``.
 
-    Writes one ``<video>_crf<CRF>.npz`` per train or validation video and CRF, then
-    ``manifest.json``; test videos are only listed. Files already listed in an
-    existing manifest with the same options are kept, so an interrupted build resumes
-    where it stopped. ``keep_encoded`` keeps the degraded streams in ``out_dir/encoded``;
-    ``workers`` builds that many videos at once, in separate processes.
+    Writes one ``<video>_crf<CRF>[_<sender>].npz`` per train or validation video, CRF and
+    sender, then ``manifest.json``; test videos are only listed. Files already listed in
+    an existing manifest made with the same options (the lists of CRFs and senders aside)
+    are kept, so an interrupted or extended build only makes what is missing.
+    ``keep_encoded`` keeps the degraded streams in ``out_dir/encoded``; ``workers`` builds
+    that many videos at once, in separate processes.
     """
     options.check()
     videos = find_videos(Path(videos_dir))
@@ -352,17 +373,20 @@ def build_dataset(
         if splits[video] == "test":
             continue
         for crf in options.crfs:
-            name = sample_file_name(video, crf)
-            if name in previous and (out_dir / name).is_file():
-                manifest.files[name] = {**previous[name], "split": splits[video]}
-            else:
-                todo.append((videos[video], video, crf, splits[video], out_dir / name, options, encoded_dir))
+            for sender in options.senders:
+                name = sample_file_name(video, crf, sender)
+                if name in previous and (out_dir / name).is_file():
+                    manifest.files[name] = {"sender": "stream", **previous[name], "split": splits[video]}
+                else:
+                    todo.append(
+                        (videos[video], video, crf, sender, splits[video], out_dir / name, options, encoded_dir)
+                    )
     manifest.write(out_dir)
     bar = _progress(len(todo), progress)
     # Videos are independent: a process each (encoding, tracking and warping hold the GIL).
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool:
         for info in pool.map(_build_one_job, todo):
-            name = sample_file_name(info["video"], info["crf"])
+            name = sample_file_name(info["video"], info["crf"], info["sender"])
             if "skipped" in info:
                 manifest.skipped[name] = info["skipped"]
                 log.warning("dataset: %s skipped: %s", name, info["skipped"])
@@ -370,7 +394,9 @@ def build_dataset(
                 manifest.files[name] = info
             manifest.write(out_dir)
             bar.update(1)
-            bar.set_postfix_str(f"{info['video']} crf{info['crf']}: {info.get('samples', 0)} samples")
+            bar.set_postfix_str(
+                f"{info['video']} crf{info['crf']} {info['sender']}: {info.get('samples', 0)} samples"
+            )
     bar.close()
     return manifest
 
@@ -393,19 +419,20 @@ def _build_one_job(job: tuple) -> dict:
         return _build_one(*job)
     except InputError as exc:
         # A damaged or unpairable video costs its own samples, not the whole build.
-        _, video, crf, split, *_ = job
-        return {"video": video, "crf": crf, "split": split, "skipped": str(exc)}
+        _, video, crf, sender, split, *_ = job
+        return {"video": video, "crf": crf, "sender": sender, "split": split, "skipped": str(exc)}
 
 
 def _build_one(
-    path: Path, video: str, crf: int, split: str, target: Path, options: BuildOptions, encoded_dir: Path | None
+    path: Path, video: str, crf: int, sender: str, split: str, target: Path, options: BuildOptions,
+    encoded_dir: Path | None,
 ) -> dict:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kfgan-dataset-") as tmp:
         folder = encoded_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        encoded = folder / encoded_file_name(video, crf)
-        encode_degraded(path, encoded, crf, options.keyint_seconds, options.preset, options.max_frames)
+        encoded = folder / encoded_file_name(video, crf, sender)
+        encode_degraded(path, encoded, crf, options.keyint_seconds, options.preset, options.max_frames, sender)
         samples = collect_samples(path, encoded, options)
     partial = target.with_suffix(".partial.npz")
     np.savez(partial, **samples.arrays)
@@ -414,6 +441,7 @@ def _build_one(
         "video": video,
         "source": path.name,
         "crf": crf,
+        "sender": sender,
         "split": split,
         "samples": samples.count,
         "keyframe_samples": int((samples.arrays[FRAME_INDEX] == samples.arrays[KEY_INDEX]).sum()),
@@ -425,7 +453,7 @@ def _build_one(
         "height": samples.height,
         "seconds": round(time.monotonic() - started, 1),
     }
-    log.info("dataset: %s crf %d -> %d samples (%s)", video, crf, samples.count, split)
+    log.info("dataset: %s crf %d %s sender -> %d samples (%s)", video, crf, sender, samples.count, split)
     return info
 
 
@@ -434,7 +462,12 @@ def _previous_files(out_dir: Path, option_dict: dict) -> dict[str, dict]:
         previous = DatasetManifest.read(out_dir)
     except InputError:
         return {}
-    return previous.files if previous.options == option_dict else {}
+    return previous.files if _per_file(previous.options) == _per_file(option_dict) else {}
+
+
+def _per_file(options: dict) -> dict:
+    """The options every sample file depends on: CRF and sender are each file's own."""
+    return {key: value for key, value in options.items() if key not in ("crfs", "senders")}
 
 
 def _progress(total: int, enabled: bool):
