@@ -33,17 +33,16 @@ from kfgan_daemon.eval.flicker import FlickerMeter, face_region_mask
 from kfgan_daemon.eval.lpips import Lpips, LpipsWeights
 from kfgan_daemon.eval.report import ClipResult, EvalReport, Example, RowResult, average_rows, write_grid, write_json, write_markdown
 from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
-from kfgan_daemon.face import FaceTracker, align_frame, landmark_image, mls_warp, paste_face
-from kfgan_daemon.face.paste import paste_box
+from kfgan_daemon.face import FaceTracker, align_frame, landmark_image, mls_warp
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.encode import degrade_like_a_call
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore.generator import CropGenerator, as_picture
 from kfgan_daemon.restore.job import FaceJob
-from kfgan_daemon.restore.repeats import EmittedFrame, settle_repeated_pixels
+from kfgan_daemon.restore.repeats import EmittedFrame
 from kfgan_daemon.restore.settings import RestoreSettings
-from kfgan_daemon.restore.stream import landmark_smoother, stream_time
+from kfgan_daemon.restore.stream import landmark_smoother, paste_restored, stream_time
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +288,12 @@ class _ClipMeasurement:
             # A model row without a stored keyframe yet passes the face through, as the daemon does.
             crop = crops.get(key)
             faces[key] = sample.compressed if crop is None else as_picture(crop)
-            images[key] = compressed if crop is None or key == INPUT_KEY else self._paste(key, compressed, crop, sample)
+            if crop is None or key == INPUT_KEY:
+                images[key] = compressed
+            else:
+                images[key] = paste_restored(
+                    compressed, crop, sample.matrix, sample.compressed, self.settings, self._emitted.get(key)
+                )
             self._emitted[key] = EmittedFrame(compressed, images[key])
         self._measure_faces(sample.truth, faces)
         self._measure_frames(original, images)
@@ -308,19 +312,6 @@ class _ClipMeasurement:
             distances = self.lpips.distance(list(faces.values()), [truth] * len(faces))
             for key, distance in zip(faces, distances):
                 self.rows[key].face_lpips.append(distance)
-
-    def _paste(self, key: str, compressed: DecodedFrame, crop: np.ndarray, sample: _Sample) -> DecodedFrame:
-        """The frame a restorer with these settings sends for ``crop``: pasted, repeated pixels settled."""
-        pasted = paste_face(
-            compressed,
-            crop,
-            sample.matrix,
-            compressed=sample.compressed,
-            mode=self.settings.paste_mode,
-            mask=self.settings.paste_mask,
-        )
-        box = paste_box(sample.matrix, crop.shape[:2], compressed.width, compressed.height)
-        return settle_repeated_pixels(compressed, pasted, self._emitted.get(key), box, self.settings.repeat_update)
 
     def _measure_frames(self, original: DecodedFrame, images: dict[str, DecodedFrame]) -> None:
         for key, image in images.items():

@@ -23,7 +23,7 @@ from kfgan_daemon.face import (
     paste_face,
 )
 from kfgan_daemon.face.identity import FaceDescriber
-from kfgan_daemon.face.paste import paste_box
+from kfgan_daemon.face.paste import PasteMode, paste_box
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore.generator import CropGenerator
@@ -205,15 +205,8 @@ class StreamRestorer:
     def complete(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> DecodedFrame:
         """Paste the restored crop back into a copy of the frame (only the pixels under the mask change)."""
         with self.stats.timer.stage("paste"):
-            restored = paste_face(
-                frame,
-                restored_crop,
-                job.matrix,
-                compressed=job.compressed,
-                mode=self.settings.paste_mode,
-                mask=self.settings.paste_mask,
-            )
-            restored = self._leave(frame, restored, job.matrix, restored_crop.shape[:2])
+            restored = paste_restored(frame, restored_crop, job.matrix, job.compressed, self.settings, self._emitted)
+        self._sent(frame, restored)
         self.stats.restored += 1
         self._correction = _Correction(restored_crop, job.compressed, job.store_epoch, stream_time(frame))
         return restored
@@ -242,36 +235,20 @@ class StreamRestorer:
         if abs(stream_time(frame) - correction.time) > self.settings.carry_forward_seconds:
             return None
         with self.stats.timer.stage("carry_forward"):
-            carried = paste_face(
-                frame,
-                correction.restored,
-                matrix,
-                compressed=correction.compressed,
-                mode="correction",
-                mask=self.settings.paste_mask,
+            carried = paste_restored(
+                frame, correction.restored, matrix, correction.compressed, self.settings, self._emitted, "correction"
             )
-            carried = self._leave(frame, carried, matrix, correction.restored.shape[:2])
         self.stats.carried_forward += 1
-        return carried
+        return self._sent(frame, carried)
 
     def pass_through(self, frame: DecodedFrame) -> DecodedFrame:
         """Count a frame the engine sent unrestored because it was too late, with nothing to carry
         forward ("shed"), and return it unchanged."""
         self.stats.shed += 1
-        return self._leave(frame, frame)
+        return self._sent(frame, frame)
 
-    def _leave(
-        self,
-        frame: DecodedFrame,
-        output: DecodedFrame,
-        matrix: np.ndarray | None = None,
-        crop_size: tuple[int, int] | None = None,
-    ) -> DecodedFrame:
-        """The frame as it goes out: pixels the codec repeated keep their restoration (see
-        :mod:`kfgan_daemon.restore.repeats`); remembered for the next frame."""
-        if matrix is not None and crop_size is not None:
-            box = paste_box(matrix, crop_size, frame.width, frame.height)
-            output = settle_repeated_pixels(frame, output, self._emitted, box, self.settings.repeat_update)
+    def _sent(self, frame: DecodedFrame, output: DecodedFrame) -> DecodedFrame:
+        """Remember what went out for ``frame``: the next frame's repeated pixels settle against it."""
         self._emitted = EmittedFrame(frame, output)
         return output
 
@@ -279,10 +256,34 @@ class StreamRestorer:
         """Restore one frame synchronously (the file path, tests and benchmarks)."""
         job = self.prepare(frame)
         if job is None:
-            return self._leave(frame, frame)
+            return self._sent(frame, frame)
         with self.stats.timer.stage("generator"):
             (crop,) = generator([job])
         return self.complete(frame, job, crop)
+
+
+def paste_restored(
+    frame: DecodedFrame,
+    restored_crop: np.ndarray,
+    matrix: np.ndarray,
+    compressed: np.ndarray,
+    settings: RestoreSettings,
+    previous: EmittedFrame | None,
+    mode: PasteMode | None = None,
+) -> DecodedFrame:
+    """The frame a restorer sends for ``restored_crop``: pasted as ``settings`` say (``mode``
+    overrides their paste mode), then its repeated pixels settled against ``previous``, what
+    was sent for the frame before (see :mod:`kfgan_daemon.restore.repeats`)."""
+    pasted = paste_face(
+        frame,
+        restored_crop,
+        matrix,
+        compressed=compressed,
+        mode=mode or settings.paste_mode,
+        mask=settings.paste_mask,
+    )
+    box = paste_box(matrix, restored_crop.shape[:2], frame.width, frame.height)
+    return settle_repeated_pixels(frame, pasted, previous, box, settings.repeat_update)
 
 
 def landmark_smoother(settings: RestoreSettings) -> LandmarkSmoother | None:
