@@ -19,25 +19,18 @@ the lite model was weakest on unseen faces, the use of the reference:
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kfgan_daemon.model.lite import ResidualBlock
+from kfgan_daemon.model.blocks import LEAKY_SLOPE, RebuildableGenerator, ResidualBlock, start_as_identity
+from kfgan_daemon.model.blocks import conv as _conv
 
 __all__ = ["GuidedGenerator"]
 
-_SLOPE = 0.2
-
-
-def _conv(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
-
 
 def _act(x: torch.Tensor) -> torch.Tensor:
-    return F.leaky_relu(x, _SLOPE)
+    return F.leaky_relu(x, LEAKY_SLOPE)
 
 
 class LocalAttention(nn.Module):
@@ -74,7 +67,7 @@ class LocalAttention(nn.Module):
         return attended, torch.cat([weights, best], dim=1)
 
 
-class GuidedGenerator(nn.Module):
+class GuidedGenerator(RebuildableGenerator):
     """Keyframe-guided restorer for 256x256 aligned face crops with local reference attention.
 
     ``GuidedGenerator(**model.config)`` rebuilds an identical architecture, which is what
@@ -91,20 +84,14 @@ class GuidedGenerator(nn.Module):
         window: int = 5,
         key_channels: int = 32,
     ) -> None:
-        super().__init__()
         if min(fine, coarse, key_channels) < 1 or blocks < 0 or fine_blocks < 0 or window < 1 or window % 2 == 0:
             raise ValueError(
                 f"invalid GuidedGenerator size: fine={fine}, coarse={coarse}, blocks={blocks}, "
                 f"fine_blocks={fine_blocks}, window={window} (odd), key_channels={key_channels}"
             )
-        self._config = {
-            "fine": fine,
-            "coarse": coarse,
-            "blocks": blocks,
-            "fine_blocks": fine_blocks,
-            "window": window,
-            "key_channels": key_channels,
-        }
+        super().__init__(
+            fine=fine, coarse=coarse, blocks=blocks, fine_blocks=fine_blocks, window=window, key_channels=key_channels
+        )
         self.unshuffle = nn.PixelUnshuffle(4)
         # 1x1 heads on 4x4 pixel patches, then one 3x3 layer for context.
         self.degraded_head = _conv(48, fine, kernel_size=1)
@@ -127,14 +114,7 @@ class GuidedGenerator(nn.Module):
         self.fine_body = nn.Sequential(*(ResidualBlock(fine) for _ in range(fine_blocks)))
         self.tail = _conv(fine, 48)
         self.shuffle4 = nn.PixelShuffle(4)
-        # A zero residual at the start: training begins from "output = compressed input".
-        nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (JSON-serialisable) that rebuild this architecture."""
-        return dict(self._config)
+        start_as_identity(self.tail)
 
     def forward(self, compressed: torch.Tensor, reference: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         degraded = _act(self.degraded_head(self.unshuffle(compressed)))

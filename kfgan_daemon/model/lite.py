@@ -8,27 +8,14 @@ pixels at 1/16 of the full-resolution cost, and pixel-shuffle turns the result b
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kfgan_daemon.model.blocks import LEAKY_SLOPE, RebuildableGenerator, ResidualBlock, start_as_identity
+from kfgan_daemon.model.blocks import conv as _conv
+
 __all__ = ["LiteGenerator"]
-
-
-def _conv(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = _conv(channels, channels)
-        self.conv2 = _conv(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.2))
 
 
 class ReferenceFusion(nn.Module):
@@ -47,13 +34,13 @@ class ReferenceFusion(nn.Module):
         self.heads = _conv(channels, 3 * channels, kernel_size=1)
 
     def forward(self, degraded: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        joint = F.leaky_relu(self.joint(torch.cat([degraded, reference], dim=1)), 0.2)
+        joint = F.leaky_relu(self.joint(torch.cat([degraded, reference], dim=1)), LEAKY_SLOPE)
         gate, scale, shift = self.heads(joint).chunk(3, dim=1)
         fused = degraded + torch.sigmoid(gate) * (reference - degraded)
         return fused * (1 + scale) + shift
 
 
-class LiteGenerator(nn.Module):
+class LiteGenerator(RebuildableGenerator):
     """Keyframe-guided restorer for 256x256 aligned face crops, CPU real-time sized.
 
     ``LiteGenerator(**model.config)`` rebuilds an identical architecture, which is what
@@ -61,13 +48,12 @@ class LiteGenerator(nn.Module):
     """
 
     def __init__(self, channels: int = 32, blocks: int = 4, fusion_blocks: int = 1, unshuffle: int = 4) -> None:
-        super().__init__()
         if channels < 1 or blocks < 0 or fusion_blocks < 1 or unshuffle < 1:
             raise ValueError(
                 f"invalid LiteGenerator size: channels={channels}, blocks={blocks}, "
                 f"fusion_blocks={fusion_blocks}, unshuffle={unshuffle}"
             )
-        self._config = {"channels": channels, "blocks": blocks, "fusion_blocks": fusion_blocks, "unshuffle": unshuffle}
+        super().__init__(channels=channels, blocks=blocks, fusion_blocks=fusion_blocks, unshuffle=unshuffle)
         patch = unshuffle * unshuffle
         self.unshuffle = nn.PixelUnshuffle(unshuffle)
         # 1x1 heads: the unshuffled channels already hold a 4x4 window and the
@@ -81,20 +67,12 @@ class LiteGenerator(nn.Module):
         self.body = nn.Sequential(*(ResidualBlock(channels) for _ in range(blocks)))
         self.tail = _conv(channels, 3 * patch)
         self.shuffle = nn.PixelShuffle(unshuffle)
-        # A zero residual at the start: training begins from "output = input", the
-        # compressed crop, instead of from noise.
-        nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (JSON-serialisable) that rebuild this architecture."""
-        return dict(self._config)
+        start_as_identity(self.tail)
 
     def forward(self, compressed: torch.Tensor, reference: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        degraded = F.leaky_relu(self.degraded_head(self.unshuffle(compressed)), 0.2)
-        guide = F.leaky_relu(self.reference_head(self.unshuffle(torch.cat([reference, landmarks], dim=1))), 0.2)
-        guide = F.leaky_relu(self.reference_body(guide), 0.2)
+        degraded = F.leaky_relu(self.degraded_head(self.unshuffle(compressed)), LEAKY_SLOPE)
+        guide = F.leaky_relu(self.reference_head(self.unshuffle(torch.cat([reference, landmarks], dim=1))), LEAKY_SLOPE)
+        guide = F.leaky_relu(self.reference_body(guide), LEAKY_SLOPE)
         features = degraded
         for fusion in self.fusions:
             features = fusion(features, guide)
