@@ -22,7 +22,6 @@ replaces.
 """
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 
+from kfgan_daemon.eval import metrics
 from kfgan_daemon.eval.flicker import FlickerMeter, face_region_mask
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.encode import degrade_like_a_call
@@ -175,9 +175,7 @@ def _measure(
         meter.add(original.y, {"out": out.y}, face)
         if face is None or not face.any():
             continue
-        error = out.y[face].astype(np.float64) - original.y[face]
-        mse = float(np.mean(error**2))
-        psnrs.append(100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse))
+        psnrs.append(metrics.psnr(out.y[face], original.y[face]))
     flicker = meter.flicker("out")
     return CarryForwardRow(
         restore_every=every,
