@@ -18,7 +18,7 @@ from kfgan_daemon.restore.stream import StreamRestorer
 
 # Stages every face frame pays; "identity" (a face descriptor) runs only on I-frames and new faces.
 FACE_STAGES = ("track", "align", "select", "warp", "paste")
-STAGE_ORDER = ("decode", "track", "align", "identity", "select", "warp", "generator", "paste", "encode")
+STAGE_ORDER = ("decode", "track", "align", "identity", "select", "warp", "generator", "native_detail", "paste", "encode")
 
 
 @dataclass
@@ -49,11 +49,11 @@ class BenchReport:
     def render(self) -> str:
         of = f" of the clip's {self.clip_frames}" if self.clip_frames else ""
         lines = [f"clip {self.clip.name} {self.width}x{self.height}: timed {self.frames}{of} frames, {self.restored} restored"]
-        lines.append("stage        ms per call   calls")
+        lines.append("stage           ms per call   calls")
         for stage in STAGE_ORDER:
             if stage in self.stage_ms:
-                lines.append(f"  {stage:<10} {self.stage_ms[stage]:8.2f}   {self.stage_calls[stage]:6d}")
-        lines.append(f"  {'face path':<10} {self.face_path_ms:8.2f}   ({'+'.join(FACE_STAGES)})")
+                lines.append(f"  {stage:<13} {self.stage_ms[stage]:8.2f}   {self.stage_calls[stage]:6d}")
+        lines.append(f"  {'face path':<13} {self.face_path_ms:8.2f}   ({'+'.join(FACE_STAGES)})")
         if self.detector_calls is not None:
             lines.append(f"detector ran on {self.detector_calls} of {self.frames} frames")
         if self.region_rgb_ms is not None and "paste" in self.stage_ms:
@@ -105,7 +105,7 @@ def run_offline_bench(
     # Face models are built once per process (as the daemon does before its first call), not
     # inside the first frame's "track".
     warm_face_models(detector, 1, recognizer=settings.identity_check)
-    restorer = StreamRestorer(settings)
+    restorer = StreamRestorer(settings, native_detail=generator.native_detail)
     timer = restorer.stats.timer
     last_job: FaceJob | None = None
     last_face_frame: DecodedFrame | None = None

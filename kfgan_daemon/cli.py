@@ -80,9 +80,14 @@ def restore(
     device: DeviceOpt = "cpu",
     half: HalfOpt = False,
     crf: Annotated[
-        int,
-        typer.Option(min=0, max=51, help="libx264 CRF of the output (18: re-encoding a call costs under 0.1 dB)."),
-    ] = 18,
+        Optional[int],
+        typer.Option(
+            min=0,
+            max=51,
+            help="libx264 CRF of the output. Default: 26 quantiser steps finer than the input's effective quantiser (at most 18), "
+            "so that re-encoding costs the call about 0.1 dB at most; a good call makes a large file.",
+        ),
+    ] = None,
     bitrate: Annotated[Optional[int], typer.Option(min=1, help="Target bitrate in bit/s instead of CRF.")] = None,
     lossless: Annotated[
         bool,
@@ -355,6 +360,33 @@ def dataset_build(
     typer.echo(
         f"{settings.data.dir}: {len(manifest.files)} sample files, {samples} samples; "
         + "; ".join(f"{split}: {', '.join(manifest.videos_of(split))}" for split in ("train", "validation", "test"))
+    )
+
+
+@app.command("fit-detail")
+def fit_detail(
+    config: Annotated[Path, typer.Option("--config", exists=True, dir_okay=False, readable=True, help="Training configuration whose [dataset] names the videos, CRFs, senders and persons, e.g. configs/guided.toml.")],
+    model: Annotated[Path, typer.Option("--model", exists=True, dir_okay=False, writable=True, help="Our .safetensors model to store the filter in (its generator weights stay as they are).")],
+    max_frames: Annotated[int, typer.Option(min=1, help="Frames per video and CRF/sender at most.")] = 90,
+) -> None:
+    """Fit the model's native detail filter on the training persons' close-ups and store it in the model."""
+    from kfgan_daemon.model import attach_native_detail
+    from kfgan_daemon.train import load_config
+    from kfgan_daemon.train.dataset import find_videos, split_by_person
+    from kfgan_daemon.train.native_detail import fit_native_detail
+
+    spec = load_config(config).dataset
+    found = find_videos(spec.videos)
+    split = split_by_person(found, spec.persons, spec.validation, spec.test)
+    training = {name: path for name, path in found.items() if split[name] == "train"}
+    fitted, report = fit_native_detail(
+        training, spec.crfs, spec.senders, keyint_seconds=spec.keyint_seconds, max_frames=max_frames, preset=spec.preset,
+        on_video=lambda name, frames: typer.echo(f"{name}: {frames} close-up frames" if frames else f"{name}: no face larger than the crop", err=True),
+    )
+    attach_native_detail(model, fitted, report.as_metadata())
+    typer.echo(
+        f"{model}: native detail filter from {len(report.videos)} videos, {report.frames} frames, {report.samples} samples "
+        f"(per activity class: {', '.join(map(str, report.per_class))})"
     )
 
 

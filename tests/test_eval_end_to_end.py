@@ -55,7 +55,7 @@ def test_unchanged_generator_scores_as_its_input_and_reports_are_written(clip: P
         assert result.frames == FRAMES and result.face_frames == FRAMES
         base = result.rows[INPUT_ROW]
         for key in (MODEL_ROW, NO_REFERENCE_ROW):
-            # Only the default output encode (CRF 18) stands between input and output.
+            # Only the default output encode (its CRF follows the input) stands between input and output.
             assert abs(result.rows[key].face_psnr - base.face_psnr) < 0.1
             assert abs(result.rows[key].frame_psnr - base.frame_psnr) < 0.1
             assert result.rows[key].face_flicker == pytest.approx(base.face_flicker, abs=0.05)

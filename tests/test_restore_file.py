@@ -54,10 +54,11 @@ def test_restore_synthetic_clip_keeps_format_audio_and_pixels(tmp_path: Path, li
     assert result.returncode == 0, result.stderr
     assert "30 frames" in result.stdout and "0 restored" in result.stdout
     assert _probe(out) == _probe(src)
-    # no face anywhere: the output differs from the input only by CRF-18 re-encoding noise
+    # no face anywhere: the output differs from the input only by re-encoding noise (at a CRF
+    # matched to this finely coded input, often none at all)
     for a, b in zip(read_all_frames(src), read_all_frames(out)):
         mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
-        assert 10 * np.log10(255**2 / mse) > 35.0
+        assert mse < 255**2 / 10**3.5  # above 35 dB PSNR
 
 
 def test_restore_side_by_side_doubles_width(tmp_path: Path, lite_checkpoint: Path) -> None:
@@ -90,7 +91,7 @@ def test_restore_real_call_at_crf42(tmp_path: Path, media_dir: Path) -> None:
     diff = np.stack([np.abs(a.astype(int) - b.astype(int)) for a, b in zip(before, after)]).mean(axis=0)
     # d12 is a centred close-up: the corners never hold the face
     corner = np.concatenate([diff[:48, :48].ravel(), diff[:48, -48:].ravel()])
-    assert corner.mean() < 3.0  # CRF 18 re-encoding noise on a blocky CRF 42 picture
+    assert corner.mean() < 3.0  # re-encoding noise on a blocky CRF 42 picture
 
     def face_psnr(frames: list[np.ndarray]) -> float:
         errors = [(f[200:330, 190:320].astype(float) - o[200:330, 190:320]) ** 2 for f, o in zip(frames, original)]

@@ -18,6 +18,7 @@ from kfgan_daemon.errors import EngineError
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from kfgan_daemon.face.native_detail import NativeDetailFilter
     from kfgan_daemon.restore import RestoreSettings
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class StreamEngine:
 
     ``generator`` is a :class:`kfgan_daemon.restore.CropGenerator` (any callable
     taking a list of FaceJobs and returning that many restored crops works);
-    its ``device`` names the inference worker in the metrics.
+    its ``device`` names the inference worker in the metrics, and its
+    ``native_detail``, if any, goes to every stream's paste.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class StreamEngine:
         self.settings = settings or EngineSettings()
         self.metrics = metrics or EngineMetrics(registry)
         self.device = str(getattr(generator, "device", "cpu"))
+        self.native_detail = getattr(generator, "native_detail", None)
         self._streams: dict[str, LiveStream] = {}
         self._worker: InferenceWorker | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -170,7 +173,9 @@ class StreamEngine:
         assert self._worker is not None and self._executor is not None
         stream = LiveStream(
             stream_id,
-            restorer if restorer is not None else partial(_build_restorer, restore_settings, self.settings.cpu_threads),
+            restorer
+            if restorer is not None
+            else partial(_build_restorer, restore_settings, self.settings.cpu_threads, self.native_detail),
             self._worker,
             self._executor,
             self.settings,
@@ -242,13 +247,15 @@ def _warm_face_models(settings: "RestoreSettings | None", face_threads: int) -> 
     )
 
 
-def _build_restorer(settings: "RestoreSettings | None", face_threads: int) -> FrameRestorer:
+def _build_restorer(
+    settings: "RestoreSettings | None", face_threads: int, native_detail: "NativeDetailFilter | None" = None
+) -> FrameRestorer:
     """A stream's restorer, with the process's face models warmed for ``face_threads`` threads
     (a no-op once done; see :meth:`StreamEngine.warm_up`)."""
     from kfgan_daemon.restore import StreamRestorer
 
     _warm_face_models(settings, face_threads)
-    return StreamRestorer(settings)
+    return StreamRestorer(settings, native_detail=native_detail)
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:

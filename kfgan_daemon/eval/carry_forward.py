@@ -133,7 +133,7 @@ def _replay(
 ) -> tuple[list[DecodedFrame], int, int]:
     """The engine's choices, scripted: prepare and restore every ``every``-th frame; the others get
     ``between``: the last correction at their own face, at the last followed face, or nothing."""
-    restorer = StreamRestorer(settings)
+    restorer = StreamRestorer(settings, native_detail=generator.native_detail)
     outputs: list[DecodedFrame] = []
     restored = carried = 0
     for n, frame in enumerate(frames):

@@ -51,6 +51,8 @@ class WithoutReference:
 
     def __init__(self, generator: CropGenerator) -> None:
         self.generator = generator
+        # The same model without its keyframe: everything else, the paste's filter included, stays.
+        self.native_detail = generator.native_detail
 
     def __call__(self, jobs: Sequence[FaceJob]) -> list[np.ndarray]:
         return self.generator([replace(job, reference=job.compressed) for job in jobs])

@@ -33,7 +33,9 @@ from kfgan_daemon.eval.flicker import FlickerMeter, face_region_mask
 from kfgan_daemon.eval.lpips import Lpips, LpipsWeights
 from kfgan_daemon.eval.report import ClipResult, EvalReport, Example, RowResult, average_rows, write_grid, write_json, write_markdown
 from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
-from kfgan_daemon.face import FaceTracker, align_frame, landmark_image, mls_warp
+from kfgan_daemon.face import CROP_SIZE, FaceTracker, align_frame, landmark_image, mls_warp
+from kfgan_daemon.face.native_detail import NativeDetailFilter
+from kfgan_daemon.face.paste import native_detail_delta
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.encode import degrade_like_a_call
@@ -114,12 +116,12 @@ class _LoadedModel:
     generator: CropGenerator
 
 
-def _load_module(spec: ModelSpec, device: str) -> nn.Module:
+def _open(spec: ModelSpec, device: str) -> CropGenerator:
     if isinstance(spec.source, nn.Module):
-        return spec.source.eval()
-    from kfgan_daemon.model import load_generator
+        return CropGenerator(spec.source.eval(), device=device)
+    from kfgan_daemon.restore.model_choice import open_generator
 
-    return load_generator(spec.source, variant=spec.variant, device=device)
+    return open_generator(spec.source, variant=spec.variant, device=device)
 
 
 def _load_models(models: Iterable[ModelSpec | Path | str], device: str) -> list[_LoadedModel]:
@@ -127,8 +129,7 @@ def _load_models(models: Iterable[ModelSpec | Path | str], device: str) -> list[
     for spec in map(ModelSpec.of, models):
         if spec.name == INPUT_KEY or any(m.name == spec.name for m in loaded):
             raise InputError(f"a model is named {spec.name!r} twice or like a built-in row; name it with NAME=PATH")
-        module = _load_module(spec, device)
-        loaded.append(_LoadedModel(spec.name, CropGenerator(module, device=device)))
+        loaded.append(_LoadedModel(spec.name, _open(spec, device)))
     return loaded
 
 
@@ -269,12 +270,16 @@ class _ClipMeasurement:
             return
         self.face_frames += 1
         crops = {INPUT_KEY: sample.compressed}
+        details: dict[str, np.ndarray | None] = {}
         candidate = None
         if sample.job is not None:
             candidate = Example(self.clip, compressed.index, sample.compressed, sample.job.reference, sample.truth)
         for model in self.models:
             jobs = [sample.ablation] if sample.job is None else [sample.job, sample.ablation]
             outputs = model.generator(jobs)
+            details[model.name] = details[model.name + NO_REFERENCE_SUFFIX] = self._native_detail(
+                compressed, sample.matrix, model.generator.native_detail
+            )
             if sample.job is not None:
                 crops[model.name] = outputs[0]
                 self.rows[model.name].restored_frames += 1
@@ -292,7 +297,8 @@ class _ClipMeasurement:
                 images[key] = compressed
             else:
                 images[key] = paste_restored(
-                    compressed, crop, sample.matrix, sample.compressed, self.settings, self._emitted.get(key)
+                    compressed, crop, sample.matrix, sample.compressed, self.settings, self._emitted.get(key),
+                    luma_detail=details[key],
                 )
             self._emitted[key] = EmittedFrame(compressed, images[key])
         self._measure_faces(sample.truth, faces)
@@ -304,6 +310,13 @@ class _ClipMeasurement:
                 self._early_example = candidate
             elif self.example is None:
                 self.example = candidate
+
+    def _native_detail(
+        self, frame: DecodedFrame, matrix: np.ndarray, native_detail: NativeDetailFilter | None
+    ) -> np.ndarray | None:
+        if native_detail is None or self.settings.paste_mode != "correction":
+            return None
+        return native_detail_delta(frame, matrix, (CROP_SIZE, CROP_SIZE), native_detail)
 
     def _measure_faces(self, truth: np.ndarray, faces: dict[str, np.ndarray]) -> None:
         for key, crop in faces.items():

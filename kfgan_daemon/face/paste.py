@@ -6,7 +6,9 @@ value bit for bit. Two ways to paste (``PasteMode``):
 - ``"correction"`` (default): the generator's correction, restored minus
   compressed crop, is warped back and added to the frame's native pixels. A face
   larger than the crop keeps its own detail, and what the generator left alone
-  stays exactly as it was.
+  stays exactly as it was. A model with a native detail filter also filters the
+  detail band such a face has beyond the crop's resolution (see
+  :mod:`kfgan_daemon.face.native_detail`).
 - ``"replace"``: the restored crop itself is warped back and blended in, as the
   published code does (for parity).
 
@@ -33,6 +35,7 @@ import numpy as np
 
 from kfgan_daemon.errors import InputError
 from kfgan_daemon.face.align import crop_footprint
+from kfgan_daemon.face.native_detail import NativeDetailFilter, band_strength, native_band
 from kfgan_daemon.media.colour import Box, add_to_region, blend_region, chroma_box, rgb_delta_to_yuv
 from kfgan_daemon.media.frame import DecodedFrame
 
@@ -49,8 +52,8 @@ _MARGIN = 2
 _TO_CHROMA_GRID = np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25]])
 
 
-def _crop_scale(matrix: np.ndarray) -> float:
-    """Crop pixels per frame pixel of a similarity transform."""
+def crop_scale(matrix: np.ndarray) -> float:
+    """Crop pixels per frame pixel of a similarity transform (below 1: the face is larger than the crop)."""
     (a, b, _), (c, d, _) = np.asarray(matrix, dtype=np.float64).tolist()
     return math.sqrt(abs(a * d - b * c))
 
@@ -73,7 +76,7 @@ def continuous_mask(matrix: np.ndarray, crop_size: tuple[int, int]) -> np.ndarra
     functions of the face size. It is computed at crop size and warped with the crop.
     """
     crop_h, crop_w = crop_size
-    scale = _crop_scale(matrix)
+    scale = crop_scale(matrix)
     edge = math.sqrt(crop_w * crop_h) / scale / 20.0
     sigma = 0.3 * (edge - 1.0) + 0.8
     start, width = edge + 1.0 - 2.0 * sigma, 4.0 * sigma
@@ -130,6 +133,29 @@ def paste_box(matrix: np.ndarray, crop_size: tuple[int, int], width: int, height
     return crop_footprint(matrix, crop_size, width, height, margin=_MARGIN)
 
 
+def frame_band(frame: DecodedFrame, matrix: np.ndarray, crop_size: tuple[int, int], box: Box) -> np.ndarray:
+    """The native band of ``frame``'s luma over ``box`` for a crop aligned by ``matrix``
+    (see :func:`kfgan_daemon.face.native_detail.native_band`)."""
+    x0, y0, x1, y1 = box
+    to_crop = np.asarray(matrix, dtype=np.float64).copy()
+    to_crop[:, 2] += to_crop[:, :2] @ np.array([x0, y0], dtype=np.float64)
+    return native_band(frame.y[y0:y1, x0:x1], to_crop, _region_inverse(matrix, box), crop_size)
+
+
+def native_detail_delta(
+    frame: DecodedFrame, matrix: np.ndarray, crop_size: tuple[int, int], native_detail: NativeDetailFilter
+) -> np.ndarray | None:
+    """What ``native_detail`` changes in ``frame``'s luma over the paste box (float32), for
+    :func:`paste_face`'s ``luma_detail``; None for a face no larger than the crop. Only luma: a
+    face's chroma, at half resolution, outgrows the crop only at twice the size."""
+    strength = band_strength(crop_scale(matrix))
+    box = paste_box(matrix, crop_size, frame.width, frame.height)
+    if strength == 0.0 or box is None:
+        return None
+    band = frame_band(frame, matrix, crop_size, box)
+    return cv2.multiply(cv2.subtract(native_detail(band), band), strength)
+
+
 def paste_face(
     frame: DecodedFrame,
     restored: np.ndarray,
@@ -139,11 +165,14 @@ def paste_face(
     mode: PasteMode = "correction",
     mask: MaskShape = "continuous",
     face_area: float | None = None,
+    luma_detail: np.ndarray | None = None,
 ) -> DecodedFrame:
     """A copy of ``frame`` with the restored RGB crop (aligned by ``matrix``, frame -> crop) pasted in.
 
     ``compressed`` is the RGB crop the generator was given; ``"correction"`` needs it.
     ``face_area`` applies to the published mask only (see :func:`published_mask`).
+    ``luma_detail`` (correction only) is a further luma change over the paste box, added
+    under the same mask: the model's native detail filter (:func:`native_detail_delta`).
     """
     if restored.ndim != 3 or restored.shape[2] != 3:
         raise InputError(f"paste_face needs an HxWx3 RGB crop, got shape {restored.shape}")
@@ -153,6 +182,8 @@ def paste_face(
         raise InputError(f"unknown paste mask {mask!r}; expected one of {MASK_SHAPES}")
     if mode == "correction" and (compressed is None or compressed.shape != restored.shape):
         raise InputError("paste mode 'correction' needs the compressed crop, the size of the restored one")
+    if mode == "replace" and luma_detail is not None:
+        raise InputError("luma_detail is added by the correction paste only; the replace paste drops the native band")
     out = frame.copy()
     crop_size = restored.shape[:2]
     box = paste_box(matrix, crop_size, frame.width, frame.height)
@@ -175,6 +206,10 @@ def paste_face(
     correction = rgb_delta_to_yuv(change, frame.colour)
     delta_y, delta_u, delta_v = cv2.split(correction)
     delta_y = cv2.warpAffine(delta_y, inverse, size, flags=cv2.INTER_LINEAR)
+    if luma_detail is not None:
+        if luma_detail.shape != delta_y.shape:
+            raise InputError(f"luma_detail is {luma_detail.shape}, the paste box {delta_y.shape}")
+        delta_y = cv2.add(delta_y, luma_detail)
     weight = paste_weights(matrix, crop_size, box, mask, face_area)
     cbox = chroma_box(box)
     to_chroma = _TO_CHROMA_GRID @ np.vstack([inverse, [0.0, 0.0, 1.0]])

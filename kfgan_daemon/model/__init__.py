@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from kfgan_daemon.errors import ModelError
-from kfgan_daemon.model.checkpoint import Checkpoint, load_weights, read_checkpoint, save_safetensors, unwrap_state_dict
+from kfgan_daemon.model.checkpoint import (
+    Checkpoint,
+    attach_native_detail,
+    load_weights,
+    read_checkpoint,
+    save_safetensors,
+    unwrap_state_dict,
+)
 from kfgan_daemon.model.discriminator import MultiScaleDiscriminator
 from kfgan_daemon.model.full import FullGenerator
 from kfgan_daemon.model.guided import GuidedGenerator
@@ -34,15 +41,18 @@ def build_generator(variant: str, config: Mapping[str, object] | None = None) ->
 
 
 def load_generator(
-    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | Checkpoint,
     variant: str | None = None,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """A generator in eval mode on ``device``, with weights from a checkpoint path or a state dict.
+    """A generator in eval mode on ``device``, with weights from a checkpoint path, a checkpoint
+    already read, or a state dict.
 
     ``variant`` defaults to what the file's metadata says, else to what its keys show.
     """
-    if isinstance(source, Mapping):
+    if isinstance(source, Checkpoint):
+        checkpoint, origin = source, "checkpoint"
+    elif isinstance(source, Mapping):
         checkpoint = Checkpoint(unwrap_state_dict(source, "state dict"))
         origin = "state dict"
     else:
@@ -59,6 +69,7 @@ def load_generator(
 __all__ = [
     "VARIANTS",
     "Checkpoint",
+    "attach_native_detail",
     "FullGenerator",
     "GuidedGenerator",
     "LiteGenerator",

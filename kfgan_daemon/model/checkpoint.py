@@ -4,7 +4,9 @@ Two formats: the published checkpoint (``net_g_55000.pth``, a torch file whose
 ``params`` entry is the generator's state dict), read with
 ``torch.load(weights_only=True)``; and ours, a ``.safetensors`` file whose
 metadata names the architecture (``variant``) and its constructor keywords
-(``config``, JSON).
+(``config``, JSON). Ours may also hold a native detail filter for the paste
+(tensors under ``native_detail.``, see :mod:`kfgan_daemon.face.native_detail`),
+which is kept apart from the generator's state dict.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from kfgan_daemon.errors import ModelError
+from kfgan_daemon.face.native_detail import METADATA_KEY, TENSOR_PREFIX, NativeDetailFilter
 
 PUBLISHED_KEYS = ("params", "params_ema", "state_dict")
 PUBLISHED_HINT = (
@@ -34,6 +37,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     variant: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    native_detail: NativeDetailFilter | None = None
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -60,7 +64,8 @@ def _read_safetensors(path: Path) -> Checkpoint:
         config = json.loads(metadata.get("config", "{}"))
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: its 'config' metadata is not JSON ({exc})") from exc
-    return Checkpoint(tensors, metadata.get("variant"), config)
+    extra = {key: tensors.pop(key).numpy() for key in [k for k in tensors if k.startswith(TENSOR_PREFIX)]}
+    return Checkpoint(tensors, metadata.get("variant"), config, NativeDetailFilter.from_tensors(extra, str(path)))
 
 
 def _read_torch(path: Path) -> Checkpoint:
@@ -112,8 +117,6 @@ def save_safetensors(
     half: bool = False,
 ) -> Path:
     """Write ``module``'s weights as .safetensors with {"variant", "config"} metadata, atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -123,8 +126,32 @@ def save_safetensors(
             value = value.half()
         tensors[key] = value.contiguous()
     metadata = {"variant": variant, "config": json.dumps(dict(config or {}), sort_keys=True)}
+    return _write_safetensors(tensors, metadata, path)
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Path:
+    from safetensors.torch import save_file
+
     partial = path.with_name(f".{path.name}.partial")
     save_file(tensors, str(partial), metadata=metadata)
     os.chmod(partial, 0o644)  # shipped weights must be readable by the service's own user
     os.replace(partial, path)
     return path
+
+
+def attach_native_detail(
+    path: str | os.PathLike[str], native_detail: NativeDetailFilter, description: Mapping[str, Any]
+) -> Path:
+    """Store ``native_detail`` in the .safetensors model at ``path`` (replacing any filter it had),
+    with ``description`` (how it was fitted, JSON) in its metadata, atomically."""
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelError(f"{path}: a native detail filter is stored in our .safetensors models only")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith(TENSOR_PREFIX)}
+    tensors.update({k: torch.from_numpy(v.copy()) for k, v in native_detail.to_tensors().items()})
+    metadata[METADATA_KEY] = json.dumps(dict(description), sort_keys=True)
+    return _write_safetensors(tensors, metadata, path)

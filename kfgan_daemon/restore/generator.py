@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.restore.job import FaceJob
 
 
@@ -51,10 +52,17 @@ class CropGenerator:
     """
 
     def __init__(
-        self, module: nn.Module, device: str | torch.device = "cpu", half: bool = False, source: Path | None = None
+        self,
+        module: nn.Module,
+        device: str | torch.device = "cpu",
+        half: bool = False,
+        source: Path | None = None,
+        native_detail: NativeDetailFilter | None = None,
     ) -> None:
         # The checkpoint file the module came from (None: built in code), for reports and /readyz.
         self.source = source
+        # The model's filter for a close-up's own detail band, applied by the paste (None: none).
+        self.native_detail = native_detail
         self.device = torch.device(device)
         if half and self.device.type == "cpu":
             raise ValueError("half precision needs a CUDA device; use float32 on the CPU")

@@ -57,7 +57,7 @@ def open_generator(
     ``runtime="onnxruntime"`` (CPU only) runs it under ONNX Runtime on ``threads``
     threads (see :mod:`kfgan_daemon.restore.onnx_generator`).
     """
-    from kfgan_daemon.model import load_generator
+    from kfgan_daemon.model import load_generator, read_checkpoint
     from kfgan_daemon.restore.onnx_generator import RUNTIMES, OnnxCropGenerator
 
     if runtime not in RUNTIMES:
@@ -65,7 +65,10 @@ def open_generator(
     if runtime == "onnxruntime" and (device != "cpu" or half):
         raise ModelError("runtime 'onnxruntime' runs on the CPU in float32; use --runtime torch for cuda or --half")
     path = resolve_model_path(checkpoint)
-    module = load_generator(path, variant=variant, device=device)
+    read = read_checkpoint(path)
+    module = load_generator(read, variant=variant, device=device)
     if runtime == "onnxruntime":
-        return OnnxCropGenerator(module, threads=threads, source=path.resolve())  # type: ignore[return-value]
-    return CropGenerator(module, device=device, half=half, source=path.resolve())
+        return OnnxCropGenerator(  # type: ignore[return-value]
+            module, threads=threads, source=path.resolve(), native_detail=read.native_detail
+        )
+    return CropGenerator(module, device=device, half=half, source=path.resolve(), native_detail=read.native_detail)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kfgan_daemon.errors import ModelError
+from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.restore.job import FaceJob
 
 RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
@@ -65,7 +66,13 @@ class OnnxCropGenerator:
 
     device = "cpu"
 
-    def __init__(self, module: nn.Module, threads: int = 1, source: Path | None = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        threads: int = 1,
+        source: Path | None = None,
+        native_detail: NativeDetailFilter | None = None,
+    ) -> None:
         if not onnxruntime_available():
             raise ModelError(
                 "runtime 'onnxruntime' needs the onnx and onnxruntime packages: pip install 'kfgan-daemon[onnx]'"
@@ -74,6 +81,7 @@ class OnnxCropGenerator:
 
         self.module = module
         self.source = source
+        self.native_detail = native_detail
         self.threads = threads
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads

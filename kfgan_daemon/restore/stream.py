@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 
 from kfgan_daemon.face import (
+    CROP_SIZE,
     AlignedFace,
     FaceTracker,
     LandmarkSmoother,
@@ -23,7 +24,8 @@ from kfgan_daemon.face import (
     paste_face,
 )
 from kfgan_daemon.face.identity import FaceDescriber
-from kfgan_daemon.face.paste import PasteMode, paste_box
+from kfgan_daemon.face.native_detail import NativeDetailFilter
+from kfgan_daemon.face.paste import PasteMode, native_detail_delta, paste_box
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore.generator import CropGenerator
@@ -70,8 +72,11 @@ class StreamRestorer:
         settings: RestoreSettings | None = None,
         tracker: FaceTracker | None = None,
         store: KeyframeStore | None = None,
+        native_detail: NativeDetailFilter | None = None,
     ) -> None:
         self.settings = settings or RestoreSettings()
+        # The generator's filter for a close-up's own detail band (see face.native_detail).
+        self.native_detail = native_detail
         self.tracker = tracker or FaceTracker(
             detector=self.settings.detector,
             redetect_interval=self.settings.redetect_interval,
@@ -204,8 +209,12 @@ class StreamRestorer:
 
     def complete(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> DecodedFrame:
         """Paste the restored crop back into a copy of the frame (only the pixels under the mask change)."""
+        detail = self._native_detail(frame, job.matrix) if self.settings.paste_mode == "correction" else None
         with self.stats.timer.stage("paste"):
-            restored = paste_restored(frame, restored_crop, job.matrix, job.compressed, self.settings, self._emitted)
+            restored = paste_restored(
+                frame, restored_crop, job.matrix, job.compressed, self.settings, self._emitted,
+                luma_detail=detail,
+            )
         self._sent(frame, restored)
         self.stats.restored += 1
         self._correction = _Correction(restored_crop, job.compressed, job.store_epoch, stream_time(frame))
@@ -234,12 +243,22 @@ class StreamRestorer:
             return None
         if abs(stream_time(frame) - correction.time) > self.settings.carry_forward_seconds:
             return None
+        detail = self._native_detail(frame, matrix)
         with self.stats.timer.stage("carry_forward"):
             carried = paste_restored(
-                frame, correction.restored, matrix, correction.compressed, self.settings, self._emitted, "correction"
+                frame, correction.restored, matrix, correction.compressed, self.settings, self._emitted, "correction",
+                detail,
             )
         self.stats.carried_forward += 1
         return self._sent(frame, carried)
+
+    def _native_detail(self, frame: DecodedFrame, matrix: np.ndarray) -> np.ndarray | None:
+        """The model's native detail for the face at ``matrix`` (None: no filter, or no face
+        larger than the crop), timed as a stage of its own."""
+        if self.native_detail is None:
+            return None
+        with self.stats.timer.stage("native_detail"):
+            return native_detail_delta(frame, matrix, (CROP_SIZE, CROP_SIZE), self.native_detail)
 
     def pass_through(self, frame: DecodedFrame) -> DecodedFrame:
         """Count a frame the engine sent unrestored because it was too late, with nothing to carry
@@ -270,10 +289,13 @@ def paste_restored(
     settings: RestoreSettings,
     previous: EmittedFrame | None,
     mode: PasteMode | None = None,
+    luma_detail: np.ndarray | None = None,
 ) -> DecodedFrame:
     """The frame a restorer sends for ``restored_crop``: pasted as ``settings`` say (``mode``
-    overrides their paste mode), then its repeated pixels settled against ``previous``, what
-    was sent for the frame before (see :mod:`kfgan_daemon.restore.repeats`)."""
+    overrides their paste mode; ``luma_detail`` is the model's native detail, see
+    :func:`kfgan_daemon.face.paste.native_detail_delta`), then its repeated pixels settled
+    against ``previous``, what was sent for the frame before (see
+    :mod:`kfgan_daemon.restore.repeats`)."""
     pasted = paste_face(
         frame,
         restored_crop,
@@ -281,6 +303,7 @@ def paste_restored(
         compressed=compressed,
         mode=mode or settings.paste_mode,
         mask=settings.paste_mask,
+        luma_detail=luma_detail,
     )
     box = paste_box(matrix, restored_crop.shape[:2], frame.width, frame.height)
     return settle_repeated_pixels(frame, pasted, previous, box, settings.repeat_update)
