@@ -97,17 +97,23 @@ class BandStatistics:
         own = np.stack([np.linalg.solve(g + _damping(g, ridge), x) for g, x in zip(gram, cross)])
         kernel = np.linalg.svd(own * np.sqrt(self.counts[fitted])[:, None], full_matrices=False)[2][0]
         for _ in range(_ALTERNATIONS):
-            gains = np.array([(kernel @ x) / (kernel @ g @ kernel) for g, x in zip(gram, cross)])
+            gains = _gains(kernel, gram, cross)
             # Given the gains, the kernel solves sum_c g_c^2 G_c k = sum_c g_c x_c.
             system = np.einsum("c,cij->ij", gains**2, gram)
             kernel = np.linalg.solve(system + _damping(system, ridge), gains @ cross)
             kernel /= np.linalg.norm(kernel)
-        gains = np.array([(kernel @ x) / (kernel @ g @ kernel) for g, x in zip(gram, cross)])
+        # Kernel and gains are defined up to a common sign: keep the centre tap positive.
+        kernel *= np.sign(kernel[len(kernel) // 2]) or 1.0
         all_gains = np.ones(len(self.counts))
-        all_gains[fitted] = gains
+        all_gains[fitted] = _gains(kernel, gram, cross)
         return NativeDetailFilter(
             kernel.reshape(self.size, self.size), all_gains, np.asarray(self.edges, np.float32)
         )
+
+
+def _gains(kernel: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """Each class's least-squares gain for a fixed kernel."""
+    return np.array([(kernel @ x) / (kernel @ g @ kernel) for g, x in zip(gram, cross)])
 
 
 def _damping(gram: np.ndarray, ridge: float) -> np.ndarray:
