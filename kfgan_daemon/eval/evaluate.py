@@ -34,7 +34,6 @@ from kfgan_daemon.eval.lpips import Lpips, LpipsWeights
 from kfgan_daemon.eval.report import ClipResult, EvalReport, Example, RowResult, average_rows, write_grid, write_json, write_markdown
 from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
 from kfgan_daemon.face import CROP_SIZE, FaceTracker, align_frame, landmark_image, mls_warp
-from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.face.paste import native_detail_delta
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media import FileSource
@@ -277,8 +276,9 @@ class _ClipMeasurement:
         for model in self.models:
             jobs = [sample.ablation] if sample.job is None else [sample.job, sample.ablation]
             outputs = model.generator(jobs)
-            details[model.name] = details[model.name + NO_REFERENCE_SUFFIX] = self._native_detail(
-                compressed, sample.matrix, model.generator.native_detail
+            native_detail = model.generator.native_detail if self.settings.paste_mode == "correction" else None
+            details[model.name] = details[model.name + NO_REFERENCE_SUFFIX] = native_detail_delta(
+                compressed, sample.matrix, (CROP_SIZE, CROP_SIZE), native_detail
             )
             if sample.job is not None:
                 crops[model.name] = outputs[0]
@@ -310,13 +310,6 @@ class _ClipMeasurement:
                 self._early_example = candidate
             elif self.example is None:
                 self.example = candidate
-
-    def _native_detail(
-        self, frame: DecodedFrame, matrix: np.ndarray, native_detail: NativeDetailFilter | None
-    ) -> np.ndarray | None:
-        if native_detail is None or self.settings.paste_mode != "correction":
-            return None
-        return native_detail_delta(frame, matrix, (CROP_SIZE, CROP_SIZE), native_detail)
 
     def _measure_faces(self, truth: np.ndarray, faces: dict[str, np.ndarray]) -> None:
         for key, crop in faces.items():

@@ -120,6 +120,14 @@ def crop_footprint(
     return box
 
 
+def region_matrix(matrix: np.ndarray, box: Box) -> np.ndarray:
+    """``matrix`` (frame -> crop) for the pixels of ``box`` alone: region coordinates are frame
+    coordinates minus the rectangle's corner."""
+    shifted = np.asarray(matrix, dtype=np.float64).copy()
+    shifted[:, 2] += shifted[:, :2] @ np.array([box[0], box[1]], dtype=np.float64)
+    return shifted
+
+
 def align_frame(
     frame: "DecodedFrame", landmarks: np.ndarray, size: int = CROP_SIZE, mode: AlignmentMode = "subpixel"
 ) -> AlignedFace:
@@ -129,8 +137,5 @@ def align_frame(
     if box is None:
         crop = np.zeros((size, size, 3), np.uint8)
     else:
-        shifted = matrix.copy()
-        # Region coordinates are frame coordinates minus the rectangle's corner.
-        shifted[:, 2] += matrix[:, :2] @ np.array([box[0], box[1]], dtype=np.float64)
-        crop = cv2.warpAffine(frame.rgb(box), shifted, (size, size), flags=cv2.INTER_CUBIC)
+        crop = cv2.warpAffine(frame.rgb(box), region_matrix(matrix, box), (size, size), flags=cv2.INTER_CUBIC)
     return AlignedFace(crop=crop, matrix=matrix, crop_landmarks=crop_landmarks(landmarks, matrix))

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from kfgan_daemon.errors import InputError
-from kfgan_daemon.face.align import crop_footprint
+from kfgan_daemon.face.align import crop_footprint, region_matrix
 from kfgan_daemon.face.native_detail import NativeDetailFilter, band_strength, native_band
 from kfgan_daemon.media.colour import Box, add_to_region, blend_region, chroma_box, rgb_delta_to_yuv
 from kfgan_daemon.media.frame import DecodedFrame
@@ -137,17 +137,17 @@ def frame_band(frame: DecodedFrame, matrix: np.ndarray, crop_size: tuple[int, in
     """The native band of ``frame``'s luma over ``box`` for a crop aligned by ``matrix``
     (see :func:`kfgan_daemon.face.native_detail.native_band`)."""
     x0, y0, x1, y1 = box
-    to_crop = np.asarray(matrix, dtype=np.float64).copy()
-    to_crop[:, 2] += to_crop[:, :2] @ np.array([x0, y0], dtype=np.float64)
-    return native_band(frame.y[y0:y1, x0:x1], to_crop, _region_inverse(matrix, box), crop_size)
+    return native_band(frame.y[y0:y1, x0:x1], region_matrix(matrix, box), _region_inverse(matrix, box), crop_size)
 
 
 def native_detail_delta(
-    frame: DecodedFrame, matrix: np.ndarray, crop_size: tuple[int, int], native_detail: NativeDetailFilter
+    frame: DecodedFrame, matrix: np.ndarray, crop_size: tuple[int, int], native_detail: NativeDetailFilter | None
 ) -> np.ndarray | None:
     """What ``native_detail`` changes in ``frame``'s luma over the paste box (float32), for
-    :func:`paste_face`'s ``luma_detail``; None for a face no larger than the crop. Only luma: a
-    face's chroma, at half resolution, outgrows the crop only at twice the size."""
+    :func:`paste_face`'s ``luma_detail``; None without a filter or for a face no larger than the
+    crop. Only luma: a face's chroma, at half resolution, outgrows the crop only at twice the size."""
+    if native_detail is None:
+        return None
     strength = band_strength(crop_scale(matrix))
     box = paste_box(matrix, crop_size, frame.width, frame.height)
     if strength == 0.0 or box is None:
