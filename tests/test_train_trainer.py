@@ -282,3 +282,59 @@ def test_model_init_and_config_errors(tmp_path: Path) -> None:
     assert all(torch.equal(v, trainer.generator.state_dict()[k]) for k, v in started.generator.state_dict().items())
     with pytest.raises(ConfigError, match="model.config"):
         Trainer(parse_config(_config(tmp_path, model={"config": {"width": 3}})))
+
+
+def test_init_into_a_deeper_generator_keeps_what_it_computes(tmp_path: Path) -> None:
+    from kfgan_daemon.train.trainer import export_generator
+
+    trainer = Trainer(parse_config(_config(tmp_path)))
+    for step in range(3):
+        trainer.train_step(trainer.batches.batch(step))
+    weights = export_generator(trainer.generator, tmp_path / "shallow.safetensors", "lite")
+    deeper = {"variant": "lite", "config": {"channels": 8, "blocks": 3}, "init": str(weights)}
+    deepened = Trainer(parse_config(_config(tmp_path, model=deeper)))
+    batch = trainer.batches.batch(7)
+    with torch.no_grad():
+        expected = trainer.generator.eval()(batch.compressed, batch.reference, batch.landmarks)
+        got = deepened.generator.eval()(batch.compressed, batch.reference, batch.landmarks)
+    assert torch.equal(expected, got)
+    # The added blocks learn: their output layer leaves zero at the first step.
+    deepened.train_step(deepened.batches.batch(0))
+    assert deepened.generator.body[2].conv2.weight.abs().sum() > 0
+    wider = {"variant": "lite", "config": {"channels": 12, "blocks": 1}, "init": str(weights)}
+    with pytest.raises(ModelError, match="wrong shape"):
+        Trainer(parse_config(_config(tmp_path, model=wider)))
+
+
+def test_weight_average_is_validated_exported_and_resumed_exactly(tmp_path: Path) -> None:
+    from kfgan_daemon.model import load_generator
+    from kfgan_daemon.train.trainer import export_checkpoint
+
+    config = parse_config(_config(tmp_path, optim={"ema": 0.5}))
+    straight = Trainer(config)
+    history = []
+    for step in range(3):
+        straight.train_step(straight.batches.batch(step))
+        history.append(_params(straight.generator))
+    # The first update copies the weights; then average = 0.5 * average + 0.5 * weights.
+    expected = {k: 0.25 * history[0][k] + 0.25 * history[1][k] + 0.5 * history[2][k] for k in history[0]}
+    averaged = _params(straight.evaluated)
+    assert all(torch.allclose(averaged[k], expected[k], atol=1e-6) for k in expected if k.endswith("weight"))
+    assert not all(torch.equal(averaged[k], history[2][k]) for k in expected)
+
+    first = Trainer(config)
+    for step in range(2):
+        first.train_step(first.batches.batch(step))
+    path = first.save_checkpoint()
+    resumed = Trainer(config)
+    resumed.load_checkpoint(path)
+    resumed.train_step(resumed.batches.batch(resumed.step))
+    got = _params(resumed.evaluated)
+    assert all(torch.equal(averaged[k], got[k]) for k in averaged)
+
+    exported = load_generator(export_checkpoint(path, tmp_path / "average.safetensors"))
+    assert all(torch.equal(v, first.evaluated.state_dict()[k]) for k, v in exported.state_dict().items())
+    scores = resumed.validate()
+    resumed._save_best(scores)
+    best = torch.load(Path(config.run.dir) / "best.pt", weights_only=True)["generator"]
+    assert all(torch.equal(best[k], got[k]) for k in got)

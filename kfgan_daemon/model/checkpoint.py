@@ -90,10 +90,15 @@ def unwrap_state_dict(payload: object, origin: str = "checkpoint") -> dict[str, 
     return dict(payload)
 
 
-def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str) -> None:
-    """Strict load with a message that lists what does not fit."""
+def load_weights(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str, fresh: tuple[str, ...] = ()
+) -> None:
+    """Strict load with a message that lists what does not fit.
+
+    Tensors under the ``fresh`` name prefixes may be absent; they keep their initial values.
+    """
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    missing = [k for k in own if k not in state_dict and not (fresh and k.startswith(fresh))]
     unexpected = [k for k in state_dict if k not in own]
     misshaped = [
         f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
@@ -106,7 +111,7 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], orig
             problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
     if problems:
         raise ModelError(f"{origin} does not fit {type(module).__name__}: {'; '.join(problems)}")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=not fresh)
 
 
 def save_safetensors(

@@ -60,7 +60,9 @@ class DataSettings(_Section):
 class ModelSettings(_Section):
     variant: Literal["lite", "guided", "full"] = "lite"
     config: dict[str, Any] = Field(default_factory=dict)  # generator constructor keywords
-    init: Path | None = None  # weights to start from (published .pth or our .safetensors)
+    # Weights to start from (published .pth or our .safetensors). A generator of the same
+    # variant with fewer residual blocks grows into this one: the extra blocks start as identity.
+    init: Path | None = None
 
 
 class LossSettings(_Section):
@@ -96,6 +98,9 @@ class OptimSettings(_Section):
     # Step decay: lr is multiplied by lr_decay at each milestone step.
     milestones: list[int] = Field(default_factory=list)
     lr_decay: float = Field(default=0.5, gt=0, le=1)
+    # Decay of an exponential moving average of the generator's weights (e.g. 0.999); when
+    # set, validation, the best checkpoint and the export use the average, not the last step.
+    ema: float | None = Field(default=None, gt=0, lt=1)
 
 
 class ScheduleSettings(_Section):

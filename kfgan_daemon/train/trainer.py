@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from kfgan_daemon.errors import ConfigError, ModelError
 from kfgan_daemon.train import losses as L
@@ -51,6 +52,7 @@ def build_generator(config: TrainConfig) -> nn.Module:
     """A fresh generator of the configured variant, optionally initialised from a checkpoint."""
     from kfgan_daemon.model import build_generator as build_variant
     from kfgan_daemon.model import load_generator
+    from kfgan_daemon.model.blocks import load_deepened
 
     try:
         generator = build_variant(config.model.variant, config.model.config)
@@ -58,10 +60,10 @@ def build_generator(config: TrainConfig) -> nn.Module:
         raise ConfigError(f"model.config does not fit the {config.model.variant} generator: {exc}") from exc
     if config.model.init is not None:
         initial = load_generator(config.model.init, variant=config.model.variant, device="cpu")
-        try:
-            generator.load_state_dict(initial.state_dict())
-        except RuntimeError as exc:
-            raise ModelError(f"model.init {config.model.init} does not fit the configured generator: {exc}") from exc
+        origin = f"model.init {config.model.init}"
+        added = load_deepened(generator, initial.state_dict(), origin)
+        if added:
+            log.info("%s: deepened by %d residual blocks that start as identity (%s)", origin, len(added), ", ".join(added))
     return generator
 
 
@@ -135,6 +137,10 @@ class Trainer:
         )
         self.generator = build_generator(config).to(self.device)
         optim = config.optim
+        # Its first update copies the generator, so a run resumed without one starts it there.
+        self.ema: AveragedModel | None = None
+        if optim.ema is not None:
+            self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(optim.ema), use_buffers=True)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=optim.lr, betas=optim.betas)
         self.perceptual: L.PerceptualLoss | None = None
         if config.loss.needs_vgg:
@@ -217,9 +223,16 @@ class Trainer:
         if self.discriminator is not None:
             values["discriminator"] = self._discriminator_step(batch.target, restored.detach())
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.generator)
         values["loss"] = float(loss.detach())
         self.step += 1
         return values
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The generator that validation measures and export writes: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.generator
 
     def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
         assert self.discriminator is not None and self.discriminator_optimizer is not None
@@ -243,7 +256,7 @@ class Trainer:
         """Mean PSNR/SSIM on the validation split: restored, restored without the reference
         (the degraded crop in its place), and the compressed input itself; PSNR also per
         video and per reference mode."""
-        self.generator.eval()
+        generator = self.evaluated.eval()
         sums = {"psnr": 0.0, "ssim": 0.0, "psnr_noref": 0.0, "psnr_input": 0.0, "ssim_input": 0.0}
         # group ("video" or "mode" name) -> [restored PSNR sum, input PSNR sum, no-reference PSNR sum, count]
         groups: dict[str, list[float]] = {}
@@ -255,8 +268,8 @@ class Trainer:
             batch = batch.to(self.device)
             n = len(batch)
             with self._autocast():
-                restored = self.generator(batch.compressed, batch.reference, batch.landmarks).float().clamp(0, 1)
-                noref = self.generator(batch.compressed, batch.compressed, batch.landmarks).float().clamp(0, 1)
+                restored = generator(batch.compressed, batch.reference, batch.landmarks).float().clamp(0, 1)
+                noref = generator(batch.compressed, batch.compressed, batch.landmarks).float().clamp(0, 1)
             psnr_restored = L.psnr(restored, batch.target)
             psnr_input = L.psnr(batch.compressed, batch.target)
             psnr_noref = L.psnr(noref, batch.target)
@@ -304,6 +317,8 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "last_validation": self.last_validation,
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         if self.discriminator is not None and self.discriminator_optimizer is not None:
             state["discriminator"] = self.discriminator.state_dict()
             state["discriminator_optimizer"] = self.discriminator_optimizer.state_dict()
@@ -325,6 +340,10 @@ class Trainer:
         try:
             self.generator.load_state_dict(state["generator"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            elif self.ema is not None:
+                log.info("%s has no weight average; it starts from the resumed generator", path)
             if self.discriminator is not None and self.discriminator_optimizer is not None:
                 if "discriminator" not in state:
                     raise ModelError(f"{path} has no discriminator but the configuration trains one")
@@ -347,13 +366,13 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "variant": self.config.model.variant,
             "generator_config": dict(getattr(self.generator, "config", self.config.model.config)),
-            "generator": self.generator.state_dict(),
+            "generator": self.evaluated.state_dict(),
             "step": self.step,
             "validation": scores,
         }
         _atomic_save(payload, self.run_dir / BEST_CHECKPOINT)
         if self.config.export.best is not None:
-            export_generator(self.generator, self.config.export.best, self.config.model.variant, half=self.config.export.half)
+            export_generator(self.evaluated, self.config.export.best, self.config.model.variant, half=self.config.export.half)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -455,7 +474,8 @@ def export_generator(generator: nn.Module, path: Path | str, variant: str, half:
 
 
 def export_checkpoint(checkpoint: Path | str, path: Path | str, half: bool = False) -> Path:
-    """Export the generator of a training checkpoint (``best.pt`` or ``last.pt``) as .safetensors."""
+    """Export the generator of a training checkpoint (``best.pt`` or ``last.pt``) as .safetensors;
+    from a ``last.pt`` of a run with a weight average, the average."""
     from kfgan_daemon.model import build_generator as build_variant
 
     checkpoint = Path(checkpoint)
@@ -466,7 +486,10 @@ def export_checkpoint(checkpoint: Path | str, path: Path | str, half: bool = Fal
     if state.get("format") != CHECKPOINT_FORMAT or "generator" not in state:
         raise ModelError(f"{checkpoint} is not a training checkpoint of this trainer")
     generator = build_variant(state["variant"], state["generator_config"])
-    generator.load_state_dict(state["generator"])
+    weights = state["generator"]
+    if "ema" in state:
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    generator.load_state_dict(weights)
     return export_generator(generator, path, state["variant"], half=half)
 
 
