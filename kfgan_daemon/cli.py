@@ -368,6 +368,7 @@ def fit_detail(
     config: Annotated[Path, typer.Option("--config", exists=True, dir_okay=False, readable=True, help="Training configuration whose [dataset] names the videos, CRFs, senders and persons, e.g. configs/guided.toml.")],
     model: Annotated[Path, typer.Option("--model", exists=True, dir_okay=False, writable=True, help="Our .safetensors model to store the filter in (its generator weights stay as they are).")],
     max_frames: Annotated[int, typer.Option(min=1, help="Frames per video and CRF/sender at most.")] = 90,
+    strength: Annotated[float, typer.Option(min=0.0, max=1.0, help="How far the filtered band goes from the band as received: 1 is the least-squares fit (best PSNR), lower keeps more detail for VMAF; choose it on the validation persons (see models/kfgan-guided.md).")] = 1.0,
 ) -> None:
     """Fit the model's native detail filter on the training persons' close-ups and store it in the model."""
     from kfgan_daemon.model import attach_native_detail
@@ -383,9 +384,9 @@ def fit_detail(
         training, spec.crfs, spec.senders, keyint_seconds=spec.keyint_seconds, max_frames=max_frames, preset=spec.preset,
         on_video=lambda name, frames: typer.echo(f"{name}: {frames} close-up frames" if frames else f"{name}: no face larger than the crop", err=True),
     )
-    attach_native_detail(model, fitted, report.as_metadata())
+    attach_native_detail(model, fitted.with_strength(strength), report.as_metadata())
     typer.echo(
-        f"{model}: native detail filter from {len(report.videos)} videos, {report.frames} frames, {report.samples} samples "
+        f"{model}: native detail filter at strength {strength:g} from {len(report.videos)} videos, {report.frames} frames, {report.samples} samples "
         f"(per activity class: {', '.join(map(str, report.per_class))})"
     )
 

@@ -57,6 +57,16 @@ def test_centred_kernel_returns_the_band_and_gains_follow_activity() -> None:
     assert np.allclose(by_class(band), band * classes)
 
 
+def test_strength_takes_the_filtered_band_part_of_the_way_from_the_band() -> None:
+    band = np.random.default_rng(1).normal(0.0, 4.0, size=(32, 32)).astype(np.float32)
+    halved = _centred(gain=0.5)
+    assert np.array_equal(halved.with_strength(0.0)(band), band)
+    assert np.allclose(halved.with_strength(0.5)(band), 0.75 * band, atol=1e-6)
+    assert np.array_equal(halved.with_strength(1.0)(band), halved(band))
+    with pytest.raises(ModelError, match="strength"):
+        halved.with_strength(1.5)
+
+
 def test_filter_rejects_kernels_gains_and_edges_that_do_not_match() -> None:
     with pytest.raises(ModelError, match="increasing activity edges"):
         NativeDetailFilter(np.zeros((7, 7)), np.ones(3), np.array([1.0]))
@@ -135,6 +145,9 @@ def test_model_file_carries_the_filter_beside_the_generator(tmp_path: Path) -> N
     assert not any(key.startswith("native_detail.") for key in checkpoint.state_dict)
     assert checkpoint.native_detail is not None
     assert np.array_equal(checkpoint.native_detail.gains, _centred().gains)
+    assert checkpoint.native_detail.strength == 1.0
+    attach_native_detail(path, _centred().with_strength(0.25), {"videos": ["weaker"]})
+    assert read_checkpoint(path).native_detail.strength == 0.25
     load_generator(path)  # the generator's strict load sees only its own weights
     generator = open_generator(path)
     assert generator.native_detail is not None
@@ -167,3 +180,16 @@ def test_fitted_band_filter_helps_a_close_up_it_never_saw(media_dir: Path, tmp_p
     )
     # Per sample, in squared luma levels (the received band's own error there is about 25).
     assert gain / held_out.counts.sum() > 0.2, gain / held_out.counts.sum()
+
+
+def test_a_filter_stored_without_a_strength_applies_in_full(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = save_safetensors(LiteGenerator(), tmp_path / "lite.safetensors", "lite")
+    attach_native_detail(path, _centred(gain=0.5).with_strength(0.5), {"videos": ["synthetic"]})
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = {k: v for k, v in load_file(str(path)).items() if k != "native_detail.strength"}
+    save_file(tensors, str(path), metadata=metadata)
+    assert read_checkpoint(path).native_detail.strength == 1.0

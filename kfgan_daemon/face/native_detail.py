@@ -45,11 +45,18 @@ METADATA_KEY = "native_detail"
 
 @dataclass(frozen=True)
 class NativeDetailFilter:
-    """A square ``kernel`` of odd side and one gain per activity class (``len(activity_edges) + 1``)."""
+    """A square ``kernel`` of odd side and one gain per activity class (``len(activity_edges) + 1``).
+
+    ``strength`` (0 to 1) is how far the filtered band goes from the band as it arrived.
+    The least-squares fit (strength 1) is best for PSNR but attenuates true detail along
+    with the codec's noise, which VMAF counts as detail loss; a model chooses its strength
+    on its validation persons so that neither gets worse.
+    """
 
     kernel: np.ndarray
     gains: np.ndarray
     activity_edges: np.ndarray
+    strength: float = 1.0
     # Gain by quantised activity (256 entries), for cv2.LUT.
     _gain_table: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -64,38 +71,52 @@ class NativeDetailFilter:
                 f"native detail: {gains.shape} gains need one more than the increasing activity edges, "
                 f"got {edges.tolist()}"
             )
+        if not 0.0 <= float(self.strength) <= 1.0:
+            raise ModelError(f"native detail strength must lie in [0, 1], got {self.strength}")
+        object.__setattr__(self, "strength", float(self.strength))
         object.__setattr__(self, "kernel", kernel)
         object.__setattr__(self, "gains", gains)
         object.__setattr__(self, "activity_edges", edges)
         object.__setattr__(self, "_gain_table", gains[_class_table(edges)].reshape(256, 1))
 
     def __call__(self, band: np.ndarray) -> np.ndarray:
-        """The filtered band (float32): the kernel's response, times its sample's class gain."""
+        """The filtered band (float32): the kernel's response times its sample's class gain, taken
+        ``strength`` of the way from the band."""
         band = np.asarray(band, dtype=np.float32)
         # filter2D correlates, which is how the kernel was fitted (patch . kernel).
         filtered = cv2.filter2D(band, -1, self.kernel, borderType=cv2.BORDER_REPLICATE)
-        return cv2.multiply(filtered, cv2.LUT(_activity_steps(band), self._gain_table))
+        filtered = cv2.multiply(filtered, cv2.LUT(_activity_steps(band), self._gain_table))
+        if self.strength == 1.0:
+            return filtered
+        return cv2.addWeighted(filtered, self.strength, band, 1.0 - self.strength, 0.0)
+
+    def with_strength(self, strength: float) -> "NativeDetailFilter":
+        return NativeDetailFilter(self.kernel, self.gains, self.activity_edges, strength)
 
     def to_tensors(self) -> dict[str, np.ndarray]:
         return {
             TENSOR_PREFIX + "kernel": self.kernel,
             TENSOR_PREFIX + "gains": self.gains,
             TENSOR_PREFIX + "activity_edges": self.activity_edges,
+            TENSOR_PREFIX + "strength": np.array([self.strength], dtype=np.float32),
         }
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, np.ndarray], origin: str = "model file") -> "NativeDetailFilter | None":
-        """The filter stored under :data:`TENSOR_PREFIX` (None when the file has none)."""
+        """The filter stored under :data:`TENSOR_PREFIX` (None when the file has none). Filters
+        stored before the strength existed have none and apply at full strength."""
         names = {TENSOR_PREFIX + name for name in ("kernel", "gains", "activity_edges")}
+        strength = TENSOR_PREFIX + "strength"
         present = {name for name in tensors if name.startswith(TENSOR_PREFIX)}
         if not present:
             return None
-        if present != names:
+        if present - {strength} != names:
             raise ModelError(
-                f"{origin}: its native detail filter has {sorted(present)}, not {sorted(names)}; refit it with "
-                "`kfgan-daemon fit-detail`"
+                f"{origin}: its native detail filter has {sorted(present)}, not {sorted(names | {strength})}; refit it "
+                "with `kfgan-daemon fit-detail`"
             )
-        return cls(*(np.asarray(tensors[TENSOR_PREFIX + name]) for name in ("kernel", "gains", "activity_edges")))
+        parts = (np.asarray(tensors[TENSOR_PREFIX + name]) for name in ("kernel", "gains", "activity_edges"))
+        return cls(*parts, float(np.asarray(tensors[strength]).reshape(-1)[0]) if strength in present else 1.0)
 
 
 def activity_classes(band: np.ndarray, edges: np.ndarray | tuple[float, ...] = ACTIVITY_EDGES) -> np.ndarray:
