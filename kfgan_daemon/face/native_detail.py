@@ -49,8 +49,8 @@ class NativeDetailFilter:
 
     ``strength`` (0 to 1) is how far the filtered band goes from the band as it arrived.
     The least-squares fit (strength 1) is best for PSNR but attenuates true detail along
-    with the codec's noise, which VMAF counts as detail loss; a model chooses its strength
-    on its validation persons so that neither gets worse.
+    with the codec's noise, which VMAF counts as detail loss: a lower strength trades
+    PSNR for VMAF (``kfgan-daemon fit-detail --strength``).
     """
 
     kernel: np.ndarray
