@@ -338,3 +338,22 @@ def test_weight_average_is_validated_exported_and_resumed_exactly(tmp_path: Path
     resumed._save_best(scores)
     best = torch.load(Path(config.run.dir) / "best.pt", weights_only=True)["generator"]
     assert all(torch.equal(best[k], got[k]) for k in got)
+
+
+def test_refined_references_are_trained_on_and_recorded_in_the_export(tmp_path: Path) -> None:
+    from kfgan_daemon.face.reference_flow import refine_reference
+    from kfgan_daemon.model import read_checkpoint
+    from kfgan_daemon.train.trainer import export_checkpoint
+
+    raw = _config(tmp_path, data={"reference_flow": "dis-fast"}, export={"best": str(tmp_path / "best.safetensors")})
+    trainer = Trainer(parse_config(raw))
+    plain = SampleSet(Path(raw["data"]["dir"]), "train")
+    compressed, reference, _, _ = trainer.train_samples.images(0)
+    assert np.array_equal(reference, refine_reference(compressed, plain.images(0)[1]))
+    assert trainer.validation_samples.reference_flow == "dis-fast"
+    trainer.train_step(trainer.batches.batch(0))
+    last = trainer.save_checkpoint()
+    trainer._save_best(trainer.validate())
+    assert read_checkpoint(tmp_path / "best.safetensors").reference_flow == "dis-fast"
+    exported = export_checkpoint(last, tmp_path / "last.safetensors")
+    assert read_checkpoint(exported).reference_flow == "dis-fast"

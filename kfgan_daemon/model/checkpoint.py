@@ -6,7 +6,8 @@ Two formats: the published checkpoint (``net_g_55000.pth``, a torch file whose
 metadata names the architecture (``variant``) and its constructor keywords
 (``config``, JSON). Ours may also hold a native detail filter for the paste
 (tensors under ``native_detail.``, see :mod:`kfgan_daemon.face.native_detail`),
-which is kept apart from the generator's state dict.
+which is kept apart from the generator's state dict, and a ``reference_flow`` entry
+that says how its keyframe is to be refined (:mod:`kfgan_daemon.face.reference_flow`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from torch import nn
 
 from kfgan_daemon.errors import ModelError
 from kfgan_daemon.face.native_detail import METADATA_KEY, TENSOR_PREFIX, NativeDetailFilter
+from kfgan_daemon.face.reference_flow import check_reference_flow
+
+REFERENCE_FLOW_KEY = "reference_flow"
 
 PUBLISHED_KEYS = ("params", "params_ema", "state_dict")
 PUBLISHED_HINT = (
@@ -38,6 +42,8 @@ class Checkpoint:
     variant: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     native_detail: NativeDetailFilter | None = None
+    # How the model expects its warped keyframe refined (see face.reference_flow); None: as warped.
+    reference_flow: str | None = None
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -65,7 +71,10 @@ def _read_safetensors(path: Path) -> Checkpoint:
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: its 'config' metadata is not JSON ({exc})") from exc
     extra = {key: tensors.pop(key).numpy() for key in [k for k in tensors if k.startswith(TENSOR_PREFIX)]}
-    return Checkpoint(tensors, metadata.get("variant"), config, NativeDetailFilter.from_tensors(extra, str(path)))
+    return Checkpoint(
+        tensors, metadata.get("variant"), config, NativeDetailFilter.from_tensors(extra, str(path)),
+        check_reference_flow(metadata.get(REFERENCE_FLOW_KEY), str(path)),
+    )
 
 
 def _read_torch(path: Path) -> Checkpoint:
@@ -120,8 +129,10 @@ def save_safetensors(
     variant: str,
     config: Mapping[str, Any] | None = None,
     half: bool = False,
+    reference_flow: str | None = None,
 ) -> Path:
-    """Write ``module``'s weights as .safetensors with {"variant", "config"} metadata, atomically."""
+    """Write ``module``'s weights as .safetensors with {"variant", "config"} metadata, atomically;
+    ``reference_flow`` records how the model was trained to have its keyframe refined."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -131,6 +142,8 @@ def save_safetensors(
             value = value.half()
         tensors[key] = value.contiguous()
     metadata = {"variant": variant, "config": json.dumps(dict(config or {}), sort_keys=True)}
+    if check_reference_flow(reference_flow, str(path)) is not None:
+        metadata[REFERENCE_FLOW_KEY] = reference_flow
     return _write_safetensors(tensors, metadata, path)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kfgan_daemon.face.native_detail import NativeDetailFilter
+from kfgan_daemon.face.reference_flow import refined_references
 from kfgan_daemon.restore.job import FaceJob
 
 
@@ -58,11 +59,14 @@ class CropGenerator:
         half: bool = False,
         source: Path | None = None,
         native_detail: NativeDetailFilter | None = None,
+        reference_flow: str | None = None,
     ) -> None:
         # The checkpoint file the module came from (None: built in code), for reports and /readyz.
         self.source = source
         # The model's filter for a close-up's own detail band, applied by the paste (None: none).
         self.native_detail = native_detail
+        # How the model was trained to have its warped keyframe refined (face.reference_flow; None: not).
+        self.reference_flow = reference_flow
         self.device = torch.device(device)
         if half and self.device.type == "cpu":
             raise ValueError("half precision needs a CUDA device; use float32 on the CPU")
@@ -72,9 +76,11 @@ class CropGenerator:
     def __call__(self, jobs: Sequence[FaceJob]) -> list[np.ndarray]:
         if not jobs:
             return []
+        crops = [job.compressed for job in jobs]
+        references = refined_references(crops, [job.reference for job in jobs], self.reference_flow)
         with torch.inference_mode():
-            compressed = crops_to_tensor([job.compressed for job in jobs], self.device, self.dtype)
-            reference = crops_to_tensor([job.reference for job in jobs], self.device, self.dtype)
+            compressed = crops_to_tensor(crops, self.device, self.dtype)
+            reference = crops_to_tensor(references, self.device, self.dtype)
             landmarks = crops_to_tensor([job.landmark_image for job in jobs], self.device, self.dtype)
             restored = self.module(compressed, reference, landmarks)
         return tensor_to_crops(restored)

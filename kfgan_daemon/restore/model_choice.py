@@ -69,6 +69,10 @@ def open_generator(
     module = load_generator(read, variant=variant, device=device)
     if runtime == "onnxruntime":
         return OnnxCropGenerator(  # type: ignore[return-value]
-            module, threads=threads, source=path.resolve(), native_detail=read.native_detail
+            module, threads=threads, source=path.resolve(), native_detail=read.native_detail,
+            reference_flow=read.reference_flow,
         )
-    return CropGenerator(module, device=device, half=half, source=path.resolve(), native_detail=read.native_detail)
+    return CropGenerator(
+        module, device=device, half=half, source=path.resolve(), native_detail=read.native_detail,
+        reference_flow=read.reference_flow,
+    )

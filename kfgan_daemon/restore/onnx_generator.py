@@ -20,6 +20,7 @@ from torch import nn
 
 from kfgan_daemon.errors import ModelError
 from kfgan_daemon.face.native_detail import NativeDetailFilter
+from kfgan_daemon.face.reference_flow import refined_references
 from kfgan_daemon.restore.job import FaceJob
 
 RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
@@ -72,6 +73,7 @@ class OnnxCropGenerator:
         threads: int = 1,
         source: Path | None = None,
         native_detail: NativeDetailFilter | None = None,
+        reference_flow: str | None = None,
     ) -> None:
         if not onnxruntime_available():
             raise ModelError(
@@ -82,6 +84,7 @@ class OnnxCropGenerator:
         self.module = module
         self.source = source
         self.native_detail = native_detail
+        self.reference_flow = reference_flow
         self.threads = threads
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
@@ -96,10 +99,10 @@ class OnnxCropGenerator:
     def __call__(self, jobs: Sequence[FaceJob]) -> list[np.ndarray]:
         if not jobs:
             return []
-        feeds = {
-            name: _to_input([getattr(job, field) for job in jobs])
-            for name, field in zip(_INPUTS, ("compressed", "reference", "landmark_image"))
-        }
+        crops = [job.compressed for job in jobs]
+        references = refined_references(crops, [job.reference for job in jobs], self.reference_flow)
+        images = (crops, references, [job.landmark_image for job in jobs])
+        feeds = {name: _to_input(batch) for name, batch in zip(_INPUTS, images)}
         (restored,) = self.session.run(None, feeds)
         # Float32 levels, clamped, not rounded: as CropGenerator returns them.
         crops = (np.clip(restored, 0.0, 1.0) * np.float32(255.0)).transpose(0, 2, 3, 1)

@@ -46,6 +46,9 @@ class DataSettings(_Section):
     # Training draws each sample with one of these references ("hq": the original I-frame,
     # "stream": the decoded one); validation reports each mode and chooses on their mean.
     reference_modes: list[Literal["hq", "stream"]] = Field(default_factory=lambda: ["hq"], min_length=1)
+    # Refine each warped keyframe along the optical flow from the compressed crop
+    # (kfgan_daemon.face.reference_flow); the exported model records it, and the restorer does the same.
+    reference_flow: Literal["dis-fast"] | None = None
     # hq samples on an I-frame have the target itself as reference: only copying to learn.
     exclude_self_reference: bool = True
     # Adds, for every sample on an I-frame, one whose input is the original crop (a good

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kfgan_daemon.errors import InputError
+from kfgan_daemon.face.reference_flow import refined_references
 from kfgan_daemon.train import dataset as ds
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class SampleSet:
     ``exclude_self_reference`` drops hq samples on an I-frame (their reference is the
     target); ``clean_keyframes`` adds, for each row on an I-frame, a sample whose input
     is the original crop with the hq reference: a frame that is already good, which the
-    model must leave as it is.
+    model must leave as it is. ``reference_flow`` refines each sample's warped keyframe
+    against its input as the restorer will (:mod:`kfgan_daemon.face.reference_flow`).
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class SampleSet:
         reference_modes: tuple[str, ...] | list[str] = ("hq",),
         exclude_self_reference: bool = True,
         clean_keyframes: bool = False,
+        reference_flow: str | None = None,
     ) -> None:
         manifest = ds.DatasetManifest.read(Path(data_dir))
+        self.reference_flow = reference_flow
         names = manifest.files_of(split)
         if not names:
             raise InputError(f"{data_dir}: the dataset has no {split!r} files (manifest lists {sorted(manifest.files)})")
@@ -123,12 +127,9 @@ class SampleSet:
 
         row, mode, clean = self.index[index]
         target = self.target[row]
-        return [
-            target if clean else self.compressed[row],
-            self.references[mode][row],
-            landmark_image(self.crop_landmarks[row]),
-            target,
-        ]
+        compressed = target if clean else self.compressed[row]
+        (reference,) = refined_references([compressed], [self.references[mode][row]], self.reference_flow)
+        return [compressed, reference, landmark_image(self.crop_landmarks[row]), target]
 
 
 def epoch_permutation(count: int, seed: int, epoch: int) -> np.ndarray:

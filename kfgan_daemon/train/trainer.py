@@ -124,12 +124,12 @@ class Trainer:
         random.seed(config.run.seed)
         data = config.data
         self.train_samples = train_samples or SampleSet(
-            data.dir, "train", data.reference_modes, data.exclude_self_reference, data.clean_keyframes
+            data.dir, "train", data.reference_modes, data.exclude_self_reference, data.clean_keyframes, data.reference_flow
         )
         # Validation leaves out what would flatter it (hq references that are the target
         # itself) and what it would not measure (clean inputs), and reports each mode.
         self.validation_samples = validation_samples or SampleSet(
-            data.dir, "validation", data.reference_modes, data.exclude_self_reference
+            data.dir, "validation", data.reference_modes, data.exclude_self_reference, reference_flow=data.reference_flow
         )
         augmentation = Augmentation(data.shift, data.rotate, data.cutout_probability, data.cutout_size)
         self.batches = TrainingBatches(
@@ -316,6 +316,7 @@ class Trainer:
             "best_step": self.best_step,
             "train_seconds": self.train_seconds,
             "last_validation": self.last_validation,
+            "reference_flow": self.config.data.reference_flow,
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -367,12 +368,16 @@ class Trainer:
             "variant": self.config.model.variant,
             "generator_config": dict(getattr(self.generator, "config", self.config.model.config)),
             "generator": self.evaluated.state_dict(),
+            "reference_flow": self.config.data.reference_flow,
             "step": self.step,
             "validation": scores,
         }
         _atomic_save(payload, self.run_dir / BEST_CHECKPOINT)
         if self.config.export.best is not None:
-            export_generator(self.evaluated, self.config.export.best, self.config.model.variant, half=self.config.export.half)
+            export_generator(
+                self.evaluated, self.config.export.best, self.config.model.variant, half=self.config.export.half,
+                reference_flow=self.config.data.reference_flow,
+            )
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -465,12 +470,15 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
             signal.signal(sig, handler)
 
 
-def export_generator(generator: nn.Module, path: Path | str, variant: str, half: bool = False) -> Path:
-    """Write the generator as our .safetensors, with the metadata ``load_generator`` rebuilds it from."""
+def export_generator(
+    generator: nn.Module, path: Path | str, variant: str, half: bool = False, reference_flow: str | None = None
+) -> Path:
+    """Write the generator as our .safetensors, with the metadata ``load_generator`` rebuilds it from
+    and the keyframe refinement it was trained with."""
     from kfgan_daemon.model import save_safetensors
 
     config = dict(getattr(generator, "config", {}))
-    return save_safetensors(generator, path, variant, config=config, half=half)
+    return save_safetensors(generator, path, variant, config=config, half=half, reference_flow=reference_flow)
 
 
 def export_checkpoint(checkpoint: Path | str, path: Path | str, half: bool = False) -> Path:
@@ -490,7 +498,7 @@ def export_checkpoint(checkpoint: Path | str, path: Path | str, half: bool = Fal
     if "ema" in state:
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
     generator.load_state_dict(weights)
-    return export_generator(generator, path, state["variant"], half=half)
+    return export_generator(generator, path, state["variant"], half=half, reference_flow=state.get("reference_flow"))
 
 
 def train(config_path: Path, resume: bool = True, max_steps: int | None = None, progress: bool = True) -> TrainResult:
