@@ -177,6 +177,10 @@ def test_shipped_configs_are_valid() -> None:
     guided = load_config(ROOT / "configs" / "guided.toml")
     assert guided.model.variant == "guided" and guided.data.reference_modes == ["hq", "stream"]
     assert guided.run.threads == 1 and not guided.loss.needs_vgg
+    flow = load_config(ROOT / "configs" / "guided-flow.toml")
+    assert flow.data.reference_flow == "dis-fast" and flow.optim.ema is not None
+    assert (ROOT / flow.model.init).is_file() and flow.model.config == guided.model.config
+    assert flow.data.dir == guided.data.dir and flow.dataset == guided.dataset
     lite = load_config(ROOT / "configs" / "lite.toml")
     assert lite.model.variant == "lite" and not lite.loss.needs_vgg
     full = load_config(ROOT / "configs" / "full.toml")
