@@ -12,15 +12,17 @@ them.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 
 from kfgan_daemon.errors import ModelError
 
-# Ways to refine a reference a model file may name; DIS at OpenCV's "fast" preset costs
-# about 2 ms per 256 x 256 crop on one thread, remap included.
-REFERENCE_FLOWS: tuple[str, ...] = ("dis-fast",)
+# Ways to refine a reference a model file (or a training configuration) may name; DIS at
+# OpenCV's "fast" preset costs about 2 ms per 256 x 256 crop on one thread, remap included.
+ReferenceFlow = Literal["dis-fast"]
+REFERENCE_FLOWS: tuple[str, ...] = get_args(ReferenceFlow)
 
 
 def check_reference_flow(name: str | None, origin: str) -> str | None:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kfgan_daemon.errors import ConfigError
+from kfgan_daemon.face.reference_flow import ReferenceFlow
 
 
 class _Section(BaseModel):
@@ -48,7 +49,7 @@ class DataSettings(_Section):
     reference_modes: list[Literal["hq", "stream"]] = Field(default_factory=lambda: ["hq"], min_length=1)
     # Refine each warped keyframe along the optical flow from the compressed crop
     # (kfgan_daemon.face.reference_flow); the exported model records it, and the restorer does the same.
-    reference_flow: Literal["dis-fast"] | None = None
+    reference_flow: ReferenceFlow | None = None
     # hq samples on an I-frame have the target itself as reference: only copying to learn.
     exclude_self_reference: bool = True
     # Adds, for every sample on an I-frame, one whose input is the original crop (a good
