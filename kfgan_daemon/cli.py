@@ -391,6 +391,29 @@ def fit_detail(
     )
 
 
+@app.command("fit-strength")
+def fit_strength(
+    config: Annotated[Path, typer.Option("--config", exists=True, dir_okay=False, readable=True, help="Training configuration whose [data] dir holds the built dataset, e.g. configs/guided-flow.toml.")],
+    model: Annotated[Path, typer.Option("--model", exists=True, dir_okay=False, writable=True, help="Our .safetensors model to fit and store the strength in (its generator weights stay as they are).")],
+    split: Annotated[str, typer.Option(help="Dataset split to fit on: validation (persons the generator never trained on, like the callers it restores) or train (its corrections are better there than on anyone new).")] = "validation",
+) -> None:
+    """Fit the model's gain on its correction by the frame's quantiser and store it in the model."""
+    from kfgan_daemon.model import attach_quantiser_strength
+    from kfgan_daemon.restore.model_choice import open_generator
+    from kfgan_daemon.train import load_config
+    from kfgan_daemon.train.quantiser_strength import fit_quantiser_strength
+
+    if split not in ("train", "validation"):
+        raise typer.BadParameter(f"--split must be train or validation, not {split!r} (test persons are never fitted on)")
+    data_dir = load_config(config).data.dir
+    generator = open_generator(model)
+    fitted, report = fit_quantiser_strength(
+        data_dir, generator, split, on_file=lambda name, crops: typer.echo(f"{name}: {crops} crops", err=True)
+    )
+    attach_quantiser_strength(model, fitted, report.as_metadata())
+    typer.echo(f"{model}: quantiser strength from {report.files} {report.split} files: {report.summary()}")
+
+
 @app.command("eval")
 def evaluate(
     clips: Annotated[Path, typer.Option("--clips", exists=True, help="A clip or a folder of high-quality clips.")],

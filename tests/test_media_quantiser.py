@@ -35,6 +35,17 @@ def test_probe_reads_a_finer_quantiser_from_a_finer_stream(tmp_path: Path) -> No
     assert len(probe_quantiser(tmp_path / "coarse.mp4", max_frames=5).frame_qps) == 5
 
 
+def test_every_decoded_frame_carries_the_quantiser_the_probe_reads(tmp_path: Path) -> None:
+    from kfgan_daemon.media import FileSource
+
+    path = _write(tmp_path / "coarse.mp4", 40)
+    profile = probe_quantiser(path)
+    with FileSource(path) as source:
+        quantisers = [frame.quantiser for frame in source]
+    assert profile is not None and quantisers == list(profile.frame_qps)
+    assert DecodedFrame.from_rgb(np.zeros((16, 16, 3), np.uint8), ColourSpace("bt601")).quantiser is None
+
+
 def test_output_crf_follows_the_input_and_has_a_ceiling() -> None:
     assert output_crf(None) == MAX_AUTO_CRF
     assert output_crf(QuantiserProfile((33.0, 33.4))) == 33 - OUTPUT_QP_MARGIN

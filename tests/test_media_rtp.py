@@ -352,6 +352,8 @@ def test_decoder_tags_idrs_and_decodes_without_holdback(stream: list[list[bytes]
         assert frame.pts == 3600 * i and frame.time_base == Fraction(1, 90000)
         assert frame.is_keyframe == (i % 8 == 0)
         assert frame.y.shape == (240, 320) and frame.u.shape == (120, 160)
+        # CRF 18: the decoder reports every picture's block quantisers near it.
+        assert frame.quantiser is not None and 8 < frame.quantiser < 28
 
 
 def test_decoder_starts_at_the_first_keyframe(stream: list[list[bytes]]) -> None:

@@ -76,6 +76,16 @@ def test_job_holds_aligned_crops_and_the_warped_reference() -> None:
     assert len(lit) == len({tuple(p) for p in np.clip(job.crop_landmarks, 0, 255)[:, ::-1].tolist()})
 
 
+def test_the_job_carries_the_frames_quantiser() -> None:
+    marks = _template_landmarks()
+    restorer = _restorer([marks, marks, marks])
+    restorer.prepare(_frame(0, keyframe=True))
+    coded = _frame(1, keyframe=False)
+    coded.quantiser = 38.5  # as the decoder reported it
+    assert restorer.prepare(coded).quantiser == 38.5
+    assert restorer.prepare(_frame(2, keyframe=False)).quantiser is None
+
+
 def test_complete_pastes_the_crop_back_into_the_face_region_only() -> None:
     marks = _template_landmarks()
     restorer = _restorer([marks])

@@ -186,6 +186,55 @@ def test_both_reference_modes_come_from_the_same_keyframe(built: Path) -> None:
 
 
 @pytest.mark.slow
+def test_each_sample_records_its_frames_quantiser_and_the_strength_fits_on_them(built: Path) -> None:
+    from kfgan_daemon.media.quantiser import probe_quantiser
+    from kfgan_daemon.model.quantiser_strength import StrengthFit
+    from kfgan_daemon.restore import CropGenerator
+    from kfgan_daemon.train.quantiser_strength import fit_quantiser_strength
+    from tests.test_quantiser_strength import AddsOne
+
+    expected = StrengthFit()
+    for video in ("eamm_MEAD_fear", "eamm_MEAD_surprised"):
+        samples = _samples(built, video)
+        profile = probe_quantiser(built / "encoded" / ds.encoded_file_name(video, 42), max_frames=FRAMES)
+        assert profile is not None
+        recorded = samples[ds.QUANTISER]
+        assert np.allclose(recorded, np.float32(profile.frame_qps)[samples[ds.FRAME_INDEX]])
+        for quantiser, compressed, target in zip(recorded, samples[ds.COMPRESSED], samples[ds.TARGET]):
+            expected.add(float(quantiser), np.ones(compressed.shape), target - compressed.astype(np.float32))
+    # A generator that adds one level everywhere: its gain in a bin is the bin's mean error.
+    fitted, report = fit_quantiser_strength(built, CropGenerator(AddsOne()), "train")
+    want, crops = expected.result()
+    assert report.crops == crops and report.files == 2 and report.split == "train"
+    assert np.allclose(fitted.quantisers, want.quantisers) and np.allclose(fitted.gains, want.gains, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_fit_strength_stores_the_fit_in_the_model_file(built: Path, tmp_path: Path) -> None:
+    import torch
+    from typer.testing import CliRunner
+
+    from kfgan_daemon.cli import app
+    from kfgan_daemon.model import LiteGenerator, read_checkpoint, save_safetensors
+
+    config = tmp_path / "fit.toml"
+    config.write_text(f'[data]\ndir = "{built}"\n')
+    untrained = save_safetensors(LiteGenerator(), tmp_path / "untrained.safetensors", "lite")
+    idle = CliRunner().invoke(app, ["fit-strength", "--config", str(config), "--model", str(untrained)])
+    assert idle.exit_code != 0 and "corrected none of the crops" in str(idle.exception)
+    generator = LiteGenerator()
+    torch.nn.init.normal_(generator.tail.weight, std=0.01)
+    model = save_safetensors(generator, tmp_path / "model.safetensors", "lite")
+    result = CliRunner().invoke(app, ["fit-strength", "--config", str(config), "--model", str(model)])
+    assert result.exit_code == 0, result.output
+    assert "from 1 validation files" in result.output
+    strength = read_checkpoint(model).quantiser_strength
+    assert strength is not None and len(strength.gains) >= 1 and np.all(np.diff(strength.gains) >= 0)
+    refused = CliRunner().invoke(app, ["fit-strength", "--config", str(config), "--model", str(model), "--split", "test"])
+    assert refused.exit_code != 0 and "never fitted on" in refused.output
+
+
+@pytest.mark.slow
 def test_sample_set_draws_each_mode_and_clean_keyframes(built: Path) -> None:
     from kfgan_daemon.train.samples import SampleSet
 
@@ -237,6 +286,7 @@ def test_adding_the_hq_sender_keeps_the_plain_files_and_adds_fine_keyframes(
 
 
 def test_the_build_command_refuses_a_config_without_held_out_persons(tmp_path: Path) -> None:
+    import torch
     from typer.testing import CliRunner
 
     from kfgan_daemon.cli import app

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from av.sidedata.encparams import VideoEncParams, VideoEncParamsType
 from av.video.frame import PictureType
 
 from kfgan_daemon.media.colour import Box, ColourSpace, region_to_rgb, rgb_to_yuv, yuv_to_rgb
@@ -14,6 +15,29 @@ from kfgan_daemon.media.colour import Box, ColourSpace, region_to_rgb, rgb_to_yu
 def is_intra_picture(frame: av.VideoFrame) -> bool:
     """True for an I picture, IDR or not (x264 scene cuts make non-IDR I frames)."""
     return bool(frame.key_frame) or frame.pict_type == PictureType.I
+
+
+def frame_quantiser(frame: av.VideoFrame) -> float | None:
+    """The mean quantiser over a decoded frame's blocks on H.264's QP scale (None: the decoder
+    exported none, or on a scale without a known mapping, VP9's).
+
+    FFmpeg's decoders export the blocks' quantisers only when opened with
+    ``export_side_data=venc_params`` (:data:`EXPORT_QUANTISERS`)."""
+    for data in frame.side_data:
+        if not isinstance(data, VideoEncParams) or data.nb_blocks == 0:
+            continue
+        if data.codec_type == VideoEncParamsType.H264:
+            return float(data.qp_map().mean())
+        if data.codec_type == VideoEncParamsType.MPEG2:
+            # MPEG-1/2/4 quantise with a step of 2 * qscale; H.264's step is 1 at QP 4 and
+            # doubles every 6, so the same step is QP 10 + 6 log2(qscale).
+            qscale = np.maximum(data.qp_map().astype(np.float64), 1.0)
+            return float(np.mean(10.0 + 6.0 * np.log2(qscale)))
+    return None
+
+
+# Decoder options under which FFmpeg attaches every block's quantiser to the picture.
+EXPORT_QUANTISERS = {"export_side_data": "venc_params"}
 
 
 def _plane_array(plane: av.video.plane.VideoPlane) -> np.ndarray:
@@ -41,6 +65,9 @@ class DecodedFrame:
     # time.monotonic() when the frame's last packet arrived (live inputs): the engine's
     # real-time deadline counts from it, so receive and decode time are inside the budget.
     arrival: float | None = None
+    # The mean quantiser of the frame's blocks (H.264's QP scale) as its decoder reported
+    # it (None: not reported); the model scales its correction by it.
+    quantiser: float | None = None
 
     @classmethod
     def from_av(
@@ -69,6 +96,7 @@ class DecodedFrame:
             time_base=picture.time_base if picture.time_base is not None else time_base,
             is_keyframe=is_intra_picture(picture) if is_keyframe is None else is_keyframe,
             index=index,
+            quantiser=frame_quantiser(picture),
         )
 
     @classmethod

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
-from av.sidedata.encparams import VideoEncParams, VideoEncParamsType
 
 from kfgan_daemon.errors import InputError
+from kfgan_daemon.media.frame import EXPORT_QUANTISERS, frame_quantiser
 from kfgan_daemon.media.source import ffmpeg_reason
 
 
@@ -39,22 +39,6 @@ class QuantiserProfile:
         return float(-3.0 * np.log2(np.mean(np.exp2(-np.asarray(self.frame_qps) / 3.0))))
 
 
-def frame_quantiser(frame: av.VideoFrame) -> float | None:
-    """The mean quantiser over a decoded frame's blocks on H.264's QP scale (None: the decoder
-    exported none, or on a scale without a known mapping, VP9's)."""
-    for data in frame.side_data:
-        if not isinstance(data, VideoEncParams) or data.nb_blocks == 0:
-            continue
-        if data.codec_type == VideoEncParamsType.H264:
-            return float(data.qp_map().mean())
-        if data.codec_type == VideoEncParamsType.MPEG2:
-            # MPEG-1/2/4 quantise with a step of 2 * qscale; H.264's step is 1 at QP 4 and
-            # doubles every 6, so the same step is QP 10 + 6 log2(qscale).
-            qscale = np.maximum(data.qp_map().astype(np.float64), 1.0)
-            return float(np.mean(10.0 + 6.0 * np.log2(qscale)))
-    return None
-
-
 def probe_quantiser(path: str | os.PathLike[str], max_frames: int = 150) -> QuantiserProfile | None:
     """The quantisers of the first ``max_frames`` frames of ``path``'s video (None: its decoder
     exports none on a known scale, or the file has no video)."""
@@ -67,7 +51,7 @@ def probe_quantiser(path: str | os.PathLike[str], max_frames: int = 150) -> Quan
         if not container.streams.video:
             return None
         stream = container.streams.video[0]
-        stream.codec_context.options = {"export_side_data": "venc_params"}
+        stream.codec_context.options = dict(EXPORT_QUANTISERS)
         try:
             for frame in container.decode(stream):
                 qp = frame_quantiser(frame)

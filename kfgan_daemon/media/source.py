@@ -29,7 +29,7 @@ import av.error
 
 from kfgan_daemon.errors import InputError, NoVideoStreamError
 from kfgan_daemon.media.colour import ColourSpace
-from kfgan_daemon.media.frame import DecodedFrame
+from kfgan_daemon.media.frame import EXPORT_QUANTISERS, DecodedFrame
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ class FileSource:
         self._iterated = False
         self._container, self._stream = self._open()
         if threads:
-            self._stream.thread_type = "AUTO"
+            # Slices only: under frame threading FFmpeg attaches another frame's block
+            # quantisers to about one picture in a hundred (DecodedFrame.quantiser).
+            self._stream.thread_type = "SLICE"
 
     def _open(self) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
         if not self.path.exists():
@@ -98,6 +100,7 @@ class FileSource:
         if videos[0].codec_context is None:
             container.close()
             raise InputError(f"{self.path}: FFmpeg has no decoder for its video codec")
+        videos[0].codec_context.options = dict(EXPORT_QUANTISERS)
         return container, videos[0]
 
     # -- properties ---------------------------------------------------------------

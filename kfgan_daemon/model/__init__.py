@@ -11,6 +11,7 @@ from kfgan_daemon.errors import ModelError
 from kfgan_daemon.model.checkpoint import (
     Checkpoint,
     attach_native_detail,
+    attach_quantiser_strength,
     load_weights,
     read_checkpoint,
     save_safetensors,
@@ -70,6 +71,7 @@ __all__ = [
     "VARIANTS",
     "Checkpoint",
     "attach_native_detail",
+    "attach_quantiser_strength",
     "FullGenerator",
     "GuidedGenerator",
     "LiteGenerator",

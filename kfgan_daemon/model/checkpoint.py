@@ -5,9 +5,11 @@ Two formats: the published checkpoint (``net_g_55000.pth``, a torch file whose
 ``torch.load(weights_only=True)``; and ours, a ``.safetensors`` file whose
 metadata names the architecture (``variant``) and its constructor keywords
 (``config``, JSON). Ours may also hold a native detail filter for the paste
-(tensors under ``native_detail.``, see :mod:`kfgan_daemon.face.native_detail`),
-which is kept apart from the generator's state dict, and a ``reference_flow`` entry
-that says how its keyframe is to be refined (:mod:`kfgan_daemon.face.reference_flow`).
+(tensors under ``native_detail.``, see :mod:`kfgan_daemon.face.native_detail`) and a
+gain on its correction by the frame's quantiser (tensors under ``quantiser_strength.``,
+see :mod:`kfgan_daemon.model.quantiser_strength`), both kept apart from the generator's
+state dict, and a ``reference_flow`` entry that says how its keyframe is to be refined
+(:mod:`kfgan_daemon.face.reference_flow`).
 """
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ import torch
 from torch import nn
 
 from kfgan_daemon.errors import ModelError
-from kfgan_daemon.face.native_detail import METADATA_KEY, TENSOR_PREFIX, NativeDetailFilter
+from kfgan_daemon.face import native_detail as detail
+from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.face.reference_flow import check_reference_flow
+from kfgan_daemon.model import quantiser_strength as strength
+from kfgan_daemon.model.quantiser_strength import QuantiserStrength
 
 REFERENCE_FLOW_KEY = "reference_flow"
 
@@ -44,6 +49,7 @@ class Checkpoint:
     native_detail: NativeDetailFilter | None = None
     # How the model expects its warped keyframe refined (see face.reference_flow); None: as warped.
     reference_flow: str | None = None
+    quantiser_strength: QuantiserStrength | None = None
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -70,10 +76,14 @@ def _read_safetensors(path: Path) -> Checkpoint:
         config = json.loads(metadata.get("config", "{}"))
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: its 'config' metadata is not JSON ({exc})") from exc
-    extra = {key: tensors.pop(key).numpy() for key in [k for k in tensors if k.startswith(TENSOR_PREFIX)]}
+    extra = {
+        key: tensors.pop(key).numpy()
+        for key in [k for k in tensors if k.startswith((detail.TENSOR_PREFIX, strength.TENSOR_PREFIX))]
+    }
     return Checkpoint(
         tensors, metadata.get("variant"), config, NativeDetailFilter.from_tensors(extra, str(path)),
         check_reference_flow(metadata.get(REFERENCE_FLOW_KEY), str(path)),
+        QuantiserStrength.from_tensors(extra, str(path)),
     )
 
 
@@ -162,14 +172,35 @@ def attach_native_detail(
 ) -> Path:
     """Store ``native_detail`` in the .safetensors model at ``path`` (replacing any filter it had),
     with ``description`` (how it was fitted, JSON) in its metadata, atomically."""
+    return _attach(
+        path, "a native detail filter", detail.TENSOR_PREFIX, native_detail.to_tensors(), detail.METADATA_KEY,
+        description,
+    )
+
+
+def attach_quantiser_strength(
+    path: str | os.PathLike[str], quantiser_strength: QuantiserStrength, description: Mapping[str, Any]
+) -> Path:
+    """Store ``quantiser_strength`` in the .safetensors model at ``path`` (replacing any it had),
+    with ``description`` (how it was fitted, JSON) in its metadata, atomically."""
+    return _attach(
+        path, "a quantiser strength", strength.TENSOR_PREFIX, quantiser_strength.to_tensors(), strength.METADATA_KEY,
+        description,
+    )
+
+
+def _attach(
+    path: str | os.PathLike[str], what: str, prefix: str, arrays: Mapping[str, Any], metadata_key: str,
+    description: Mapping[str, Any],
+) -> Path:
     from safetensors.torch import load_file, safe_open
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ModelError(f"{path}: a native detail filter is stored in our .safetensors models only")
+        raise ModelError(f"{path}: {what} is stored in our .safetensors models only")
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
-    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith(TENSOR_PREFIX)}
-    tensors.update({k: torch.from_numpy(v.copy()) for k, v in native_detail.to_tensors().items()})
-    metadata[METADATA_KEY] = json.dumps(dict(description), sort_keys=True)
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith(prefix)}
+    tensors.update({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+    metadata[metadata_key] = json.dumps(dict(description), sort_keys=True)
     return _write_safetensors(tensors, metadata, path)

@@ -17,6 +17,7 @@ from torch import nn
 
 from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.face.reference_flow import refined_references
+from kfgan_daemon.model.quantiser_strength import QuantiserStrength, scale_corrections
 from kfgan_daemon.restore.job import FaceJob
 
 
@@ -60,6 +61,7 @@ class CropGenerator:
         source: Path | None = None,
         native_detail: NativeDetailFilter | None = None,
         reference_flow: str | None = None,
+        quantiser_strength: QuantiserStrength | None = None,
     ) -> None:
         # The checkpoint file the module came from (None: built in code), for reports and /readyz.
         self.source = source
@@ -67,6 +69,8 @@ class CropGenerator:
         self.native_detail = native_detail
         # How the model was trained to have its warped keyframe refined (face.reference_flow; None: not).
         self.reference_flow = reference_flow
+        # The model's gain on its correction by the frame's quantiser (None: full correction).
+        self.quantiser_strength = quantiser_strength
         self.device = torch.device(device)
         if half and self.device.type == "cpu":
             raise ValueError("half precision needs a CUDA device; use float32 on the CPU")
@@ -83,6 +87,7 @@ class CropGenerator:
             reference = crops_to_tensor(references, self.device, self.dtype)
             landmarks = crops_to_tensor([job.landmark_image for job in jobs], self.device, self.dtype)
             restored = self.module(compressed, reference, landmarks)
+            restored = scale_corrections(restored, compressed, [job.quantiser for job in jobs], self.quantiser_strength)
         return tensor_to_crops(restored)
 
     def warm_up(self, batch_size: int = 1) -> None:

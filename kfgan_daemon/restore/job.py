@@ -23,3 +23,6 @@ class FaceJob:
     # The restorer's store epoch when the job was built: it changes whenever the store
     # was emptied for a new person, so a key id is only meaningful within one epoch.
     store_epoch: int = 0
+    # The frame's mean block quantiser as decoded (None: not reported): how much of the
+    # model's correction it gets (model.quantiser_strength).
+    quantiser: float | None = None

@@ -70,9 +70,9 @@ def open_generator(
     if runtime == "onnxruntime":
         return OnnxCropGenerator(  # type: ignore[return-value]
             module, threads=threads, source=path.resolve(), native_detail=read.native_detail,
-            reference_flow=read.reference_flow,
+            reference_flow=read.reference_flow, quantiser_strength=read.quantiser_strength,
         )
     return CropGenerator(
         module, device=device, half=half, source=path.resolve(), native_detail=read.native_detail,
-        reference_flow=read.reference_flow,
+        reference_flow=read.reference_flow, quantiser_strength=read.quantiser_strength,
     )

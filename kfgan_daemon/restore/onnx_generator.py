@@ -21,6 +21,7 @@ from torch import nn
 from kfgan_daemon.errors import ModelError
 from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.face.reference_flow import refined_references
+from kfgan_daemon.model.quantiser_strength import QuantiserStrength, scale_corrections
 from kfgan_daemon.restore.job import FaceJob
 
 RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
@@ -74,6 +75,7 @@ class OnnxCropGenerator:
         source: Path | None = None,
         native_detail: NativeDetailFilter | None = None,
         reference_flow: str | None = None,
+        quantiser_strength: QuantiserStrength | None = None,
     ) -> None:
         if not onnxruntime_available():
             raise ModelError(
@@ -85,6 +87,7 @@ class OnnxCropGenerator:
         self.source = source
         self.native_detail = native_detail
         self.reference_flow = reference_flow
+        self.quantiser_strength = quantiser_strength
         self.threads = threads
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
@@ -104,6 +107,10 @@ class OnnxCropGenerator:
         images = (crops, references, [job.landmark_image for job in jobs])
         feeds = {name: _to_input(batch) for name, batch in zip(_INPUTS, images)}
         (restored,) = self.session.run(None, feeds)
+        restored = scale_corrections(
+            torch.from_numpy(restored), torch.from_numpy(feeds["compressed"]), [job.quantiser for job in jobs],
+            self.quantiser_strength,
+        ).numpy()
         # Float32 levels, clamped, not rounded: as CropGenerator returns them.
         crops = (np.clip(restored, 0.0, 1.0) * np.float32(255.0)).transpose(0, 2, 3, 1)
         return [np.ascontiguousarray(crop) for crop in crops]

@@ -143,6 +143,7 @@ class StreamRestorer:
             crop_landmarks=aligned.crop_landmarks,
             key_id=entry.key_id,
             store_epoch=self.store_epoch,
+            quantiser=frame.quantiser,
         )
 
     def observe_keyframe(self, frame: DecodedFrame) -> None:

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 REFERENCE_MODES: tuple[str, ...] = ("hq", "stream")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".y4m")
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 # Keys of each sample file; the loader (train/samples.py) reads the same names.
 COMPRESSED = "compressed"  # N x 256 x 256 x 3 uint8 RGB, aligned crop of the decoded compressed frame
@@ -57,8 +57,10 @@ FRAME_LANDMARKS = "frame_landmarks"  # N x 68 x 2 float64, frame coordinates (sm
 MATRIX = "matrix"  # N x 2 x 3 float64, frame -> crop
 FRAME_INDEX = "frame_index"  # N int32, decode order index of the sample
 KEY_INDEX = "key_index"  # N int32, frame index of the keyframe used as reference
+QUANTISER = "quantiser"  # N float32, the compressed frame's mean block quantiser as decoded (NaN: not reported)
 SAMPLE_ARRAYS = (
     COMPRESSED, TARGET, REFERENCE_HQ, REFERENCE_STREAM, CROP_LANDMARKS, FRAME_LANDMARKS, MATRIX, FRAME_INDEX, KEY_INDEX,
+    QUANTISER,
 )
 _REFERENCE_KEYS = {"hq": REFERENCE_HQ, "stream": REFERENCE_STREAM}
 
@@ -295,6 +297,7 @@ def collect_samples(original: Path, compressed: Path, options: BuildOptions) -> 
             rows[MATRIX].append(np.asarray(aligned.matrix, dtype=np.float64))
             rows[FRAME_INDEX].append(index)
             rows[KEY_INDEX].append(entry.key_id)
+            rows[QUANTISER].append(np.nan if lq.quantiser is None else lq.quantiser)
     return VideoSamples(_stack(rows), frames, keyframes, with_face, fps, width, height)
 
 
@@ -320,6 +323,7 @@ def _stack(rows: dict[str, list]) -> dict[str, np.ndarray]:
         MATRIX: ((0, 2, 3), np.float64),
         FRAME_INDEX: ((0,), np.int32),
         KEY_INDEX: ((0,), np.int32),
+        QUANTISER: ((0,), np.float32),
     }
     out = {}
     for name, (empty_shape, dtype) in shapes.items():

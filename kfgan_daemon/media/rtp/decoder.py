@@ -32,7 +32,7 @@ import av.error
 
 from kfgan_daemon.media.bitstream import NalType, join_annexb, nal_type
 from kfgan_daemon.media.colour import ColourSpace
-from kfgan_daemon.media.frame import DecodedFrame, is_intra_picture
+from kfgan_daemon.media.frame import EXPORT_QUANTISERS, DecodedFrame, is_intra_picture
 from kfgan_daemon.media.rtp.h264 import AccessUnit
 from kfgan_daemon.media.source import ffmpeg_reason
 
@@ -74,6 +74,7 @@ class H264AccessUnitDecoder:
     def _new_codec() -> av.CodecContext:
         codec = av.CodecContext.create("h264", "r")
         codec.thread_type = "SLICE"
+        codec.options = dict(EXPORT_QUANTISERS)
         return codec
 
     def reset(self) -> None:
