@@ -286,7 +286,6 @@ def test_adding_the_hq_sender_keeps_the_plain_files_and_adds_fine_keyframes(
 
 
 def test_the_build_command_refuses_a_config_without_held_out_persons(tmp_path: Path) -> None:
-    import torch
     from typer.testing import CliRunner
 
     from kfgan_daemon.cli import app
