@@ -191,7 +191,7 @@ def test_each_sample_records_its_frames_quantiser_and_the_strength_fits_on_them(
     from kfgan_daemon.model.quantiser_strength import StrengthFit
     from kfgan_daemon.restore import CropGenerator
     from kfgan_daemon.train.quantiser_strength import fit_quantiser_strength
-    from tests.test_quantiser_strength import AddsOne
+    from tests.test_quantiser_strength import STRENGTH, AddsOne
 
     expected = StrengthFit()
     for video in ("eamm_MEAD_fear", "eamm_MEAD_surprised"):
@@ -207,6 +207,9 @@ def test_each_sample_records_its_frames_quantiser_and_the_strength_fits_on_them(
     want, crops = expected.result()
     assert report.crops == crops and report.files == 2 and report.split == "train"
     assert np.allclose(fitted.quantisers, want.quantisers) and np.allclose(fitted.gains, want.gains, atol=1e-3)
+    # A model that already carries a strength is fitted at its full correction all the same.
+    refitted, _ = fit_quantiser_strength(built, CropGenerator(AddsOne(), quantiser_strength=STRENGTH), "train")
+    assert np.allclose(refitted.gains, fitted.gains)
 
 
 @pytest.mark.slow

@@ -56,19 +56,15 @@ def fit_quantiser_strength(
 ) -> tuple[QuantiserStrength, StrengthReport]:
     """Fit on ``split`` of the dataset at ``data_dir``: the strength, and what the fit used and found.
 
-    ``generator`` runs at full correction: a strength its model already carries is set
-    aside while it fits. ``on_file(name, crops)`` is told after each sample file.
+    ``generator`` runs at full correction: the jobs it is given carry no quantiser, so a
+    strength its model already carries does not apply. ``on_file(name, crops)`` is told
+    after each sample file.
     """
     manifest = ds.DatasetManifest.read(Path(data_dir))
     names = manifest.files_of(split)
     if not names:
         raise InputError(f"{data_dir}: the dataset has no {split!r} files to fit a quantiser strength on")
-    carried, generator.quantiser_strength = generator.quantiser_strength, None
-    try:
-        fit = _gather(Path(data_dir), names, generator, on_file)
-    finally:
-        generator.quantiser_strength = carried
-    strength, crops = fit.result()
+    strength, crops = _gather(Path(data_dir), names, generator, on_file).result()
     report = StrengthReport(
         split, len(names), [round(float(q), 2) for q in strength.quantisers],
         [round(float(g), 4) for g in strength.gains], crops,
