@@ -6,6 +6,7 @@ the timing is known; test_engine_real.py runs the same engine on real faces.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -204,3 +205,27 @@ def test_run_async_drives_the_engine_on_uvloop() -> None:
     assert loop_module.startswith(uvloop.__name__)
     assert [out.frame.index for out in outputs] == list(range(10))
     assert all(out.outcome is Outcome.RESTORED for out in outputs)
+
+
+def test_stage_timings_are_read_while_worker_threads_add_stages() -> None:
+    # GET /streams/ID reads the stage medians on the event loop while face and paste threads
+    # add to them; a stage seen for the first time mid-read used to fail the read.
+    from kfgan_daemon.engine.stream import _Gauges
+
+    gauges = _Gauges()
+    done = threading.Event()
+
+    def add() -> None:
+        for n in range(20000):
+            gauges.add_stage(f"stage{n % 5000}", 0.001)
+        done.set()
+
+    worker = threading.Thread(target=add)
+    worker.start()
+    reads = 0
+    while not done.is_set():
+        histories = gauges.stage_histories()
+        assert all(all(value == 0.001 for value in history) for history in histories.values())
+        reads += 1
+    worker.join()
+    assert reads > 0 and len(gauges.stage_histories()) == 5000

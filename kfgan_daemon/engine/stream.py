@@ -194,12 +194,21 @@ class _Gauges:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
     emitted_at: deque[float] = field(default_factory=deque)
     stages: dict[str, deque[float]] = field(default_factory=dict)
+    # Face and paste threads add stages while the event loop reads them (GET /streams/ID):
+    # a new stage's key arriving mid-read made the read fail.
+    _stages_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_stage(self, stage: str, seconds: float) -> None:
-        history = self.stages.get(stage)
-        if history is None:
-            history = self.stages.setdefault(stage, deque(maxlen=STAGE_HISTORY))
-        history.append(seconds)
+        with self._stages_lock:
+            history = self.stages.get(stage)
+            if history is None:
+                history = self.stages[stage] = deque(maxlen=STAGE_HISTORY)
+            history.append(seconds)
+
+    def stage_histories(self) -> dict[str, list[float]]:
+        """A copy of every stage's recent durations (seconds), taken as one consistent read."""
+        with self._stages_lock:
+            return {stage: list(history) for stage, history in self.stages.items()}
 
 
 class LiveStream:
@@ -431,7 +440,7 @@ class LiveStream:
     def stage_ms(self) -> dict[str, float]:
         """Median milliseconds of each engine stage over the last frames (prepare, inference, complete, total...)."""
         return {
-            stage: 1000 * float(np.median(list(history))) for stage, history in self._gauges.stages.items() if history
+            stage: 1000 * float(np.median(history)) for stage, history in self._gauges.stage_histories().items() if history
         }
 
     def info(self) -> StreamInfo:
