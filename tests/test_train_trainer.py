@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kfgan_daemon.errors import ConfigError, ModelError
+from kfgan_daemon.errors import ConfigError, InputError, ModelError
 from kfgan_daemon.train import dataset as ds
 from kfgan_daemon.train.config import load_config, parse_config
 from kfgan_daemon.train.samples import SampleSet
@@ -134,6 +134,25 @@ def test_training_only_sees_its_split(tmp_path: Path) -> None:
     data = write_synthetic_dataset(tmp_path / "data", {"a": "train", "b": "validation"}, count=3)
     assert set(SampleSet(data, "train").videos) == {"a"}
     assert set(SampleSet(data, "validation").videos) == {"b"}
+
+
+def test_a_split_holds_every_files_rows_in_file_order(tmp_path: Path) -> None:
+    data = write_synthetic_dataset(tmp_path / "data", {"a": "train", "b": "train", "c": "validation"}, count=3)
+    samples = SampleSet(data, "train", ("hq", "stream"))
+    files = [np.load(data / name) for name in ds.DatasetManifest.read(data).files_of("train")]
+    assert np.array_equal(samples.compressed, np.concatenate([f[ds.COMPRESSED] for f in files]))
+    assert np.array_equal(samples.target, np.concatenate([f[ds.TARGET] for f in files]))
+    for mode in ("hq", "stream"):
+        assert np.array_equal(samples.references[mode], np.concatenate([f[ds.reference_key(mode)] for f in files]))
+    assert samples.videos[:6] == ["a"] * 3 + ["b"] * 3
+
+
+def test_a_damaged_sample_file_is_named(tmp_path: Path) -> None:
+    data = write_synthetic_dataset(tmp_path / "data", {"a": "train", "b": "train", "c": "validation"}, count=3)
+    damaged = data / ds.sample_file_name("b", 42)
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    with pytest.raises(InputError, match="b_crf42.npz: unreadable sample file"):
+        SampleSet(data, "train")
 
 
 def test_vgg_losses_without_weights_stop_with_a_clear_message(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ uninterrupted run would have drawn, with nothing but k in the checkpoint.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,23 +88,27 @@ class SampleSet:
         # Clean samples take the hq reference, whether or not hq samples are drawn.
         loaded_modes = sorted(set(self.reference_modes) | ({"hq"} if clean_keyframes else set()))
         keys = (ds.COMPRESSED, ds.TARGET, ds.CROP_LANDMARKS, *(ds.reference_key(m) for m in loaded_modes))
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        paths = [Path(data_dir) / name for name in names]
+        # Rows are counted first and copied into arrays of their final size: concatenating
+        # per-file arrays would need twice the split's memory at its peak (GBs of crops).
         on_keyframe: list[np.ndarray] = []
-        row_videos: list[str] = []
-        for name in names:
-            path = Path(data_dir) / name
-            try:
-                with np.load(path) as arrays:
-                    for key in parts:
-                        parts[key].append(arrays[key])
-                    on_keyframe.append(arrays[ds.KEY_INDEX] == arrays[ds.FRAME_INDEX])
-            except (OSError, KeyError, ValueError) as exc:
-                raise InputError(f"{path}: unreadable sample file ({exc}); rebuild the dataset") from exc
-            row_videos.extend([manifest.files[name]["video"]] * len(on_keyframe[-1]))
-        self.compressed = np.concatenate(parts[ds.COMPRESSED])
-        self.target = np.concatenate(parts[ds.TARGET])
-        self.crop_landmarks = np.concatenate(parts[ds.CROP_LANDMARKS])
-        self.references = {m: np.concatenate(parts[ds.reference_key(m)]) for m in loaded_modes}
+        for path in paths:
+            with _sample_file(path) as loaded:
+                on_keyframe.append(loaded[ds.KEY_INDEX] == loaded[ds.FRAME_INDEX])
+        row_videos = [manifest.files[name]["video"] for name, rows in zip(names, on_keyframe) for _ in rows]
+        total = sum(len(rows) for rows in on_keyframe)
+        with _sample_file(paths[0]) as loaded:
+            columns = {key: np.empty((total, *loaded[key].shape[1:]), loaded[key].dtype) for key in keys}
+        start = 0
+        for path, rows in zip(paths, on_keyframe):
+            with _sample_file(path) as loaded:
+                for key, column in columns.items():
+                    column[start : start + len(rows)] = loaded[key]
+            start += len(rows)
+        self.compressed = columns[ds.COMPRESSED]
+        self.target = columns[ds.TARGET]
+        self.crop_landmarks = columns[ds.CROP_LANDMARKS]
+        self.references = {m: columns[ds.reference_key(m)] for m in loaded_modes}
         keyframe_rows = np.concatenate(on_keyframe)
         # (row, reference mode, clean) of every sample, in a fixed order.
         self.index: list[tuple[int, str, bool]] = []
@@ -130,6 +136,17 @@ class SampleSet:
         compressed = target if clean else self.compressed[row]
         (reference,) = refined_references([compressed], [self.references[mode][row]], self.reference_flow)
         return [compressed, reference, landmark_image(self.crop_landmarks[row]), target]
+
+
+@contextmanager
+def _sample_file(path: Path) -> Iterator[np.lib.npyio.NpzFile]:
+    """One sample file, its arrays read as they are asked for; any failure names the file."""
+    try:
+        with np.load(path) as arrays:
+            yield arrays
+    # A file cut short is a BadZipFile (its directory is at the end) or an EOFError (an array is).
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: unreadable sample file ({exc}); rebuild the dataset") from exc
 
 
 def epoch_permutation(count: int, seed: int, epoch: int) -> np.ndarray:
