@@ -1,6 +1,6 @@
-"""WebRTC (aiortc) integration: a track transformer that restores faces, keyframe tagging, PLI requests."""
-from kfgan_daemon.webrtc.keyframe_flag import install as install_keyframe_tagging
+"""WebRTC (aiortc) integration: a track transformer that restores faces, keyframe flags and quantisers for received video, PLI requests."""
+from kfgan_daemon.webrtc.decoder import install as install_received_video_decoding
 from kfgan_daemon.webrtc.pli import KeyframeRequester, pli_supported
 from kfgan_daemon.webrtc.transformer import RestoredVideoTrack
 
-__all__ = ["KeyframeRequester", "RestoredVideoTrack", "install_keyframe_tagging", "pli_supported"]
+__all__ = ["KeyframeRequester", "RestoredVideoTrack", "install_received_video_decoding", "pli_supported"]

@@ -35,7 +35,7 @@ from kfgan_daemon.errors import StreamClosedError
 from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.frame import DecodedFrame, is_intra_picture
 from kfgan_daemon.restore.settings import RestoreSettings
-from kfgan_daemon.webrtc import keyframe_flag
+from kfgan_daemon.webrtc import decoder as received_video
 from kfgan_daemon.webrtc.backlog import BacklogClosed, FrameBacklog
 from kfgan_daemon.webrtc.pli import KeyframeRequester
 
@@ -87,7 +87,7 @@ class RestoredVideoTrack(MediaStreamTrack):
         super().__init__()
         if source.kind != "video":
             raise ValueError(f"RestoredVideoTrack needs a video track, got a {source.kind} track")
-        keyframe_flag.install()
+        received_video.install()
         self.source = source
         self.engine = engine
         self.policy = policy

@@ -1,4 +1,5 @@
-"""The keyframe flag survives aiortc's decoders: header readers, the tagging decoder, and its installation."""
+"""What aiortc's decoders drop comes back: the keyframe flag (header readers) and H.264's quantisers; and the
+wrapper's installation."""
 from __future__ import annotations
 
 from fractions import Fraction
@@ -12,9 +13,9 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from kfgan_daemon.media.colour import ColourSpace
-from kfgan_daemon.media.frame import DecodedFrame, is_intra_picture
-from kfgan_daemon.webrtc import keyframe_flag
-from kfgan_daemon.webrtc.keyframe_flag import KeyframeTaggingDecoder, encoded_is_keyframe
+from kfgan_daemon.media.frame import EXPORT_QUANTISERS, DecodedFrame, frame_quantiser, is_intra_picture
+from kfgan_daemon.webrtc import decoder as received_video
+from kfgan_daemon.webrtc.decoder import ReceivedVideoDecoder, encoded_is_keyframe
 
 GOP = 4
 FRAMES = 10
@@ -74,25 +75,42 @@ def test_aiortc_vp8_decoder_loses_the_flag_and_the_wrapper_restores_it() -> None
     plain = decode_all(Vp8Decoder(), packets)
     # The reason this module exists: libvpx through aiortc marks nothing.
     assert not any(is_intra_picture(frame) for frame in plain)
-    tagged = decode_all(KeyframeTaggingDecoder(Vp8Decoder(), "VP8"), packets)
+    tagged = decode_all(ReceivedVideoDecoder(Vp8Decoder(), "VP8"), packets)
     assert [is_intra_picture(frame) for frame in tagged] == expected
 
 
 def test_h264_frames_keep_their_flag_through_the_wrapper() -> None:
     packets = encoded_clip("libx264")
     expected = [keyframe for _, keyframe in packets]
-    tagged = decode_all(KeyframeTaggingDecoder(H264Decoder(), "H264"), packets)
+    tagged = decode_all(ReceivedVideoDecoder(H264Decoder(), "H264"), packets)
     assert [is_intra_picture(frame) for frame in tagged] == expected
 
 
 def test_install_wraps_video_decoders_only_and_is_idempotent() -> None:
     from aiortc import rtcrtpreceiver
 
-    keyframe_flag.install()
+    received_video.install()
     patched = rtcrtpreceiver.get_decoder
-    keyframe_flag.install()
+    received_video.install()
     assert rtcrtpreceiver.get_decoder is patched
     vp8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
     opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
-    assert isinstance(rtcrtpreceiver.get_decoder(vp8), KeyframeTaggingDecoder)
-    assert not isinstance(rtcrtpreceiver.get_decoder(opus), KeyframeTaggingDecoder)
+    assert isinstance(rtcrtpreceiver.get_decoder(vp8), ReceivedVideoDecoder)
+    assert not isinstance(rtcrtpreceiver.get_decoder(opus), ReceivedVideoDecoder)
+    h264 = rtcrtpreceiver.get_decoder(RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102))
+    assert h264.inner.codec.options["export_side_data"] == EXPORT_QUANTISERS["export_side_data"]
+
+
+def test_h264_frames_come_with_the_quantisers_ffmpeg_reports() -> None:
+    packets = encoded_clip("libx264")
+    plain = decode_all(H264Decoder(), packets)
+    assert all(frame_quantiser(frame) is None for frame in plain)  # aiortc's decoder as it comes
+    wrapped = decode_all(ReceivedVideoDecoder(H264Decoder(), "H264"), packets)
+    reference = av.CodecContext.create("h264", "r")
+    reference.options = dict(EXPORT_QUANTISERS)
+    expected = [frame for data, _ in packets for frame in reference.decode(av.Packet(data))]
+    quantisers = [frame_quantiser(frame) for frame in wrapped]
+    assert len(quantisers) == FRAMES and all(q is not None and 0 < q <= 51 for q in quantisers)
+    assert quantisers == [frame_quantiser(frame) for frame in expected]
+    # libx264's default I-frame offset: the keyframes are coded finer than the P-frames.
+    assert quantisers[0] < quantisers[1]

@@ -1,17 +1,24 @@
-"""Give aiortc's decoded video frames back the keyframe flag their decoders drop.
+"""Give aiortc's decoded video frames back what their decoders drop: the keyframe flag
+and the blocks' quantisers.
 
 aiortc hands a complete encoded frame to ``get_decoder(codec).decode()`` on its
-decoder thread and forwards only the decoded pictures. FFmpeg's H.264 decoder
-marks I-frames itself, but the libvpx VP8 decoder leaves ``pict_type`` and
-``key_frame`` unset, so without help every VP8 frame looks predicted and the
-keyframe store never fills.
+decoder thread and forwards only the decoded pictures.
+
+- FFmpeg's H.264 decoder marks I-frames itself, but the libvpx VP8 decoder leaves
+  ``pict_type`` and ``key_frame`` unset, so without help every VP8 frame looks
+  predicted and the keyframe store never fills.
+- aiortc opens its H.264 decoder without FFmpeg's ``venc_params`` side data, so its
+  pictures carry no quantisers and the model would correct every WebRTC frame at full
+  strength (:mod:`kfgan_daemon.model.quantiser_strength`), however finely it was coded.
 
 This module is the one place that reaches into aiortc's receive path: it wraps
-every decoder aiortc creates in :class:`KeyframeTaggingDecoder`, which reads the
+every video decoder aiortc creates in :class:`ReceivedVideoDecoder`, which reads the
 encoded frame's header (VP8: bit 0 of the first byte is 0 on a key frame; H.264:
 an IDR slice, NAL unit type 5, or a picture of I slices only) and sets
 ``pict_type = I`` on the picture decoded from it, which
-:func:`kfgan_daemon.media.frame.is_intra_picture` then reads.
+:func:`kfgan_daemon.media.frame.is_intra_picture` then reads, and asks an FFmpeg
+decoder (aiortc's H.264 one) for the quantisers before its first packet, which
+:func:`kfgan_daemon.media.frame.frame_quantiser` then reads.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import av
 from av.video.frame import PictureType
 
 from kfgan_daemon.media.bitstream import h264_access_unit_is_intra, split_annexb, vp8_is_keyframe
+from kfgan_daemon.media.frame import EXPORT_QUANTISERS
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +52,18 @@ def encoded_is_keyframe(codec_name: str, data: bytes) -> bool:
     return False
 
 
-class KeyframeTaggingDecoder:
-    """An aiortc decoder wrapper that marks pictures decoded from keyframes with ``pict_type = I``."""
+class ReceivedVideoDecoder:
+    """An aiortc video decoder wrapper: pictures decoded from keyframes get ``pict_type = I``,
+    and an FFmpeg decoder reports every picture's block quantisers."""
 
     def __init__(self, inner, codec_name: str) -> None:
         self.inner = inner
         self.codec_name = codec_name
         self._keyframe_pts: deque[int] = deque(maxlen=_PENDING_KEYFRAMES)
+        # PyAV opens a codec context on its first packet, so options set now still count.
+        context = getattr(inner, "codec", None)
+        if isinstance(context, av.CodecContext) and not context.is_open:
+            context.options = {**context.options, **EXPORT_QUANTISERS}
 
     def decode(self, encoded_frame) -> list:
         if encoded_is_keyframe(self.codec_name, encoded_frame.data):
@@ -78,12 +91,12 @@ def install() -> None:
 
         original = rtcrtpreceiver.get_decoder
 
-        def get_tagging_decoder(codec):
+        def get_received_video_decoder(codec):
             decoder = original(codec)
             if codec.mimeType.lower().startswith("video/"):
-                return KeyframeTaggingDecoder(decoder, codec.name)
+                return ReceivedVideoDecoder(decoder, codec.name)
             return decoder
 
-        rtcrtpreceiver.get_decoder = get_tagging_decoder
+        rtcrtpreceiver.get_decoder = get_received_video_decoder
         _installed = True
-        log.debug("aiortc video decoders now tag keyframes")
+        log.debug("aiortc video decoders now tag keyframes and report quantisers")
