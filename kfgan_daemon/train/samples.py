@@ -142,7 +142,8 @@ class SampleSet:
 def _sample_file(path: Path) -> Iterator[np.lib.npyio.NpzFile]:
     """One sample file, its arrays read as they are asked for; any failure names the file."""
     try:
-        with np.load(path) as arrays:
+        # Our own handle: np.load leaves its file open when the zip directory is unreadable.
+        with open(path, "rb") as handle, np.load(handle) as arrays:
             yield arrays
     # A file cut short is a BadZipFile (its directory is at the end) or an EOFError (an array is).
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:

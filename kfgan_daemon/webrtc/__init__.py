@@ -1,4 +1,5 @@
-"""WebRTC (aiortc) integration: a track transformer that restores faces, keyframe flags and quantisers for received video, PLI requests."""
+"""WebRTC (aiortc) integration: a track transformer that restores faces, what aiortc's decoders drop
+(keyframe flags, quantisers), PLI requests."""
 from kfgan_daemon.webrtc.decoder import install as install_received_video_decoding
 from kfgan_daemon.webrtc.pli import KeyframeRequester, pli_supported
 from kfgan_daemon.webrtc.transformer import RestoredVideoTrack
