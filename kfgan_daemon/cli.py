@@ -331,6 +331,7 @@ app.add_typer(dataset_app, name="dataset")
 def dataset_build(
     config: Annotated[Path, typer.Option("--config", exists=True, dir_okay=False, help="Training configuration whose [dataset] and data.dir say what to build, e.g. configs/guided.toml.")],
     keep_encoded: Annotated[bool, typer.Option("--keep-encoded", help="Keep the degraded streams in <data.dir>/encoded.")] = False,
+    tracks: Annotated[Optional[Path], typer.Option("--tracks", file_okay=False, help="Keep every encoded video's face tracks in this folder, and replay those made under the same settings instead of tracking (no dlib for them).")] = None,
 ) -> None:
     """Encode each video at the CRF(s), track and align faces, and write training samples split by person."""
     from kfgan_daemon.train import build_dataset, load_config
@@ -355,7 +356,9 @@ def dataset_build(
         preset=spec.preset,
         max_frames=spec.max_frames,
     )
-    manifest = build_dataset(spec.videos, settings.data.dir, options, keep_encoded=keep_encoded, workers=spec.workers)
+    manifest = build_dataset(
+        spec.videos, settings.data.dir, options, keep_encoded=keep_encoded, workers=spec.workers, tracks_dir=tracks
+    )
     samples = sum(info.get("samples", 0) for info in manifest.files.values())
     typer.echo(
         f"{settings.data.dir}: {len(manifest.files)} sample files, {samples} samples; "

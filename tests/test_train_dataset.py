@@ -288,6 +288,40 @@ def test_adding_the_hq_sender_keeps_the_plain_files_and_adds_fine_keyframes(
     assert fine < 0.6 * plain
 
 
+@pytest.mark.slow
+def test_kept_face_tracks_are_replayed_without_a_tracker(
+    clips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    import kfgan_daemon.face
+
+    tracks = tmp_path / "tracks"
+    first = ds.build_dataset(clips, tmp_path / "first", OPTIONS, progress=False, tracks_dir=tracks)
+    assert sorted(p.name for p in tracks.iterdir()) == sorted(
+        name.replace(".npz", ds.TRACKS_SUFFIX) for name in first.files
+    )
+    assert {info["tracks"] for info in first.files.values()} == {"tracked"}
+
+    class NoTracker:
+        def __init__(self, *args, **kwargs) -> None:
+            raise AssertionError("a face was tracked although its tracks were kept")
+
+    monkeypatch.setattr(kfgan_daemon.face, "FaceTracker", NoTracker)
+    second = ds.build_dataset(clips, tmp_path / "second", OPTIONS, progress=False, tracks_dir=tracks)
+    assert {info["tracks"] for info in second.files.values()} == {"replayed"}
+    # What follows from the tracks comes out as the tracking build made it; the compressed
+    # crops are each build's own encode, which x264 does not always repeat bit for bit.
+    tracked = (ds.TARGET, ds.REFERENCE_HQ, ds.CROP_LANDMARKS, ds.FRAME_LANDMARKS, ds.MATRIX, ds.FRAME_INDEX, ds.KEY_INDEX)
+    for name in first.files:
+        with np.load(tmp_path / "first" / name) as made, np.load(tmp_path / "second" / name) as replayed:
+            for key in tracked:
+                assert np.array_equal(made[key], replayed[key]), (name, key)
+    # Tracks of another encode are not replayed: this build must track, and cannot.
+    with pytest.raises(AssertionError, match="tracked although"):
+        ds.build_dataset(clips, tmp_path / "third", replace(OPTIONS, preset="fast"), progress=False, tracks_dir=tracks)
+
+
 def test_the_build_command_refuses_a_config_without_held_out_persons(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -39,6 +39,8 @@ import numpy as np
 
 from kfgan_daemon.errors import ConfigError, InputError
 from kfgan_daemon.media.encode import SENDERS
+from kfgan_daemon.train.face_tracks import SUFFIX as TRACKS_SUFFIX
+from kfgan_daemon.train.face_tracks import FaceTracks, ReplayedTracker
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ class VideoSamples:
     fps: float
     width: int
     height: int
+    tracks: FaceTracks
 
     @property
     def count(self) -> int:
@@ -240,13 +243,20 @@ def encode_degraded(
     )
 
 
-def collect_samples(original: Path, compressed: Path, options: BuildOptions) -> VideoSamples:
-    """Walk original and compressed frames in lockstep and cut the samples of one encoded video."""
+def collect_samples(
+    original: Path, compressed: Path, options: BuildOptions, replay: ReplayedTracker | None = None,
+    settings: dict | None = None,
+) -> VideoSamples:
+    """Walk original and compressed frames in lockstep and cut the samples of one encoded video.
+
+    ``replay`` hands out recorded face tracks in place of the tracker; the tracks this pass
+    used are returned with the samples either way, under ``settings``."""
     from kfgan_daemon.face import FaceTracker, LandmarkSmoother, align_frame, mls_warp
     from kfgan_daemon.keyframes import KeyframeStore
     from kfgan_daemon.media import FileSource
 
-    tracker = FaceTracker(detector=options.detector)
+    tracker = replay or FaceTracker(detector=options.detector)
+    tracks = FaceTracks(settings or {})
     smoother = LandmarkSmoother() if options.smooth_landmarks else None
     store = KeyframeStore(options.store_size, policy=options.store_policy)
     rows: dict[str, list] = {name: [] for name in SAMPLE_ARRAYS}
@@ -265,6 +275,7 @@ def collect_samples(original: Path, compressed: Path, options: BuildOptions) -> 
             frames += 1
             keyframes += int(lq.is_keyframe)
             landmarks = tracker.update(lq.luma)
+            tracks.record(landmarks, tracker.source)
             if landmarks is None:
                 if smoother is not None:
                     smoother.reset()
@@ -298,7 +309,9 @@ def collect_samples(original: Path, compressed: Path, options: BuildOptions) -> 
             rows[FRAME_INDEX].append(index)
             rows[KEY_INDEX].append(entry.key_id)
             rows[QUANTISER].append(np.nan if lq.quantiser is None else lq.quantiser)
-    return VideoSamples(_stack(rows), frames, keyframes, with_face, fps, width, height)
+    if replay is not None:
+        replay.finish()
+    return VideoSamples(_stack(rows), frames, keyframes, with_face, fps, width, height, tracks)
 
 
 def _crop_landmarks(landmarks: np.ndarray, options: BuildOptions) -> np.ndarray:
@@ -352,6 +365,7 @@ def build_dataset(
     keep_encoded: bool = False,
     workers: int = 1,
     progress: bool = True,
+    tracks_dir: Path | None = None,
 ) -> DatasetManifest:
     """Build training samples from every video in ``videos_dir`` into ``out_dir``.
 
@@ -360,7 +374,9 @@ def build_dataset(
     an existing manifest made with the same options (the lists of CRFs and senders aside)
     are kept, so an interrupted or extended build only makes what is missing.
     ``keep_encoded`` keeps the degraded streams in ``out_dir/encoded``; ``workers`` builds
-    that many videos at once, in separate processes.
+    that many videos at once, in separate processes. ``tracks_dir`` keeps every encoded
+    video's face tracks and replays those made under the same settings
+    (:mod:`kfgan_daemon.train.face_tracks`): no dlib for them.
     """
     options.check()
     videos = find_videos(Path(videos_dir))
@@ -383,7 +399,8 @@ def build_dataset(
                     manifest.files[name] = {"sender": "stream", **previous[name], "split": splits[video]}
                 else:
                     todo.append(
-                        (videos[video], video, crf, sender, splits[video], out_dir / name, options, encoded_dir)
+                        (videos[video], video, crf, sender, splits[video], out_dir / name, options, encoded_dir,
+                         tracks_dir)
                     )
     manifest.write(out_dir)
     bar = _progress(len(todo), progress)
@@ -429,15 +446,21 @@ def _build_one_job(job: tuple) -> dict:
 
 def _build_one(
     path: Path, video: str, crf: int, sender: str, split: str, target: Path, options: BuildOptions,
-    encoded_dir: Path | None,
+    encoded_dir: Path | None, tracks_dir: Path | None,
 ) -> dict:
     started = time.monotonic()
+    settings = tracks_settings(crf, sender, options)
+    tracks_file = None if tracks_dir is None else Path(tracks_dir) / f"{_stem(video, crf, sender)}{TRACKS_SUFFIX}"
+    replay = _replay(tracks_file, settings)
     with tempfile.TemporaryDirectory(prefix="kfgan-dataset-") as tmp:
         folder = encoded_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         encoded = folder / encoded_file_name(video, crf, sender)
         encode_degraded(path, encoded, crf, options.keyint_seconds, options.preset, options.max_frames, sender)
-        samples = collect_samples(path, encoded, options)
+        samples = collect_samples(path, encoded, options, replay, settings)
+    if tracks_file is not None and replay is None:
+        tracks_file.parent.mkdir(parents=True, exist_ok=True)
+        samples.tracks.save(tracks_file)
     partial = target.with_suffix(".partial.npz")
     np.savez(partial, **samples.arrays)
     partial.replace(target)
@@ -456,9 +479,36 @@ def _build_one(
         "width": samples.width,
         "height": samples.height,
         "seconds": round(time.monotonic() - started, 1),
+        "tracks": "replayed" if replay is not None else "tracked",
     }
     log.info("dataset: %s crf %d %s sender -> %d samples (%s)", video, crf, sender, samples.count, split)
     return info
+
+
+def tracks_settings(crf: int, sender: str, options: BuildOptions) -> dict:
+    """What a video's face tracks depend on: its encode and the tracker."""
+    return {
+        "crf": crf,
+        "sender": sender,
+        "keyint_seconds": options.keyint_seconds,
+        "preset": options.preset,
+        "max_frames": options.max_frames,
+        "detector": options.detector,
+    }
+
+
+def _replay(path: Path | None, settings: dict) -> ReplayedTracker | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        tracks = FaceTracks.load(path)
+    except InputError as exc:
+        log.warning("dataset: %s; tracking afresh", exc)
+        return None
+    if tracks.settings != settings:
+        log.info("dataset: %s was tracked under other settings (%s); tracking afresh", path, tracks.settings)
+        return None
+    return ReplayedTracker(tracks, path)
 
 
 def _previous_files(out_dir: Path, option_dict: dict) -> dict[str, dict]:
