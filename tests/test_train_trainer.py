@@ -385,3 +385,26 @@ def test_refined_references_are_trained_on_and_recorded_in_the_export(tmp_path: 
     assert read_checkpoint(tmp_path / "best.safetensors").reference_flow == "dis-fast"
     exported = export_checkpoint(last, tmp_path / "last.safetensors")
     assert read_checkpoint(exported).reference_flow == "dis-fast"
+
+
+def test_loader_workers_give_the_same_training(tmp_path: Path) -> None:
+    raw = _config(tmp_path)
+    inline = Trainer(parse_config(raw))
+    inline.run(max_steps=3, progress=False)
+    raw["run"] = {**raw["run"], "dir": str(tmp_path / "workers"), "loader_workers": 2}
+    workers = Trainer(parse_config(raw))
+    workers.run(max_steps=3, progress=False)
+    assert workers.step == inline.step == 3
+    expected, got = _params(inline.generator), _params(workers.generator)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_batch_stream_with_workers_is_the_steps_batches_in_order(tmp_path: Path) -> None:
+    from kfgan_daemon.train.samples import batch_stream
+
+    trainer = Trainer(parse_config(_config(tmp_path)))
+    made = list(batch_stream(trainer.batches, 2, 6, workers=2))
+    assert len(made) == 4
+    for step, batch in zip(range(2, 6), made):
+        expected = trainer.batches.batch(step)
+        assert torch.equal(batch.compressed, expected.compressed) and torch.equal(batch.target, expected.target)

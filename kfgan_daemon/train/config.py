@@ -20,6 +20,8 @@ class RunSettings(_Section):
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None keeps torch's default
+    # Processes that make training batches ahead of the steps (0: the training process makes each).
+    loader_workers: int = Field(default=0, ge=0)
 
 
 class DatasetSettings(_Section):

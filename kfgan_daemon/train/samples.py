@@ -55,6 +55,10 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(*(t.to(device, non_blocking=True) for t in (self.compressed, self.reference, self.landmarks, self.target)))
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so that the copy to a GPU can overlap the step (DataLoader calls this)."""
+        return Batch(*(t.pin_memory() for t in (self.compressed, self.reference, self.landmarks, self.target)))
+
     def __len__(self) -> int:
         return int(self.compressed.shape[0])
 
@@ -109,6 +113,8 @@ class SampleSet:
         self.target = columns[ds.TARGET]
         self.crop_landmarks = columns[ds.CROP_LANDMARKS]
         self.references = {m: columns[ds.reference_key(m)] for m in loaded_modes}
+        # The arrays' shared-memory tensors once share_memory() made them, by column name.
+        self._shared: dict[str, torch.Tensor] = {}
         keyframe_rows = np.concatenate(on_keyframe)
         # (row, reference mode, clean) of every sample, in a fixed order.
         self.index: list[tuple[int, str, bool]] = []
@@ -126,6 +132,39 @@ class SampleSet:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def share_memory(self) -> None:
+        """Move the arrays to shared memory (once, a column at a time), so that loader workers
+        started afresh receive them as handles, not as gigabytes of pickled bytes."""
+        for name, array in self._columns().items():
+            if name in self._shared:
+                continue
+            shared = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype).share_memory_()
+            shared.numpy()[...] = array
+            self._shared[name] = shared
+            self._set_column(name, shared.numpy())
+
+    def _columns(self) -> dict[str, np.ndarray]:
+        columns = {"compressed": self.compressed, "target": self.target, "crop_landmarks": self.crop_landmarks}
+        columns.update({f"reference_{mode}": array for mode, array in self.references.items()})
+        return columns
+
+    def _set_column(self, name: str, array: np.ndarray) -> None:
+        if name.startswith("reference_"):
+            self.references[name.removeprefix("reference_")] = array
+        else:
+            setattr(self, name, array)
+
+    def __getstate__(self) -> dict:
+        # Shared columns travel as their tensors (torch pickles those as handles), not as arrays.
+        state = {key: value for key, value in self.__dict__.items() if key not in self._shared}
+        state["references"] = {m: a for m, a in self.references.items() if f"reference_{m}" not in self._shared}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name, tensor in self._shared.items():
+            self._set_column(name, tensor.numpy())
 
     def images(self, index: int) -> list[np.ndarray]:
         """compressed, reference, landmark image, target: 256x256x3 uint8 RGB."""
@@ -219,6 +258,51 @@ class TrainingBatches:
             for column, image in zip(columns, augment(self.samples.images(index), self.patch, self.augmentation, rng)):
                 column.append(image)
         return Batch(*(to_tensor(column) for column in columns))
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Training steps ``first`` .. ``last - 1`` as a dataset whose items are their batches."""
+
+    def __init__(self, batches: TrainingBatches, first: int, last: int) -> None:
+        self.batches = batches
+        self.first = first
+        self.last = last
+
+    def __len__(self) -> int:
+        return max(self.last - self.first, 0)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.batches.batch(self.first + index)
+
+
+def _one_thread_each(worker: int) -> None:
+    # Every worker makes whole batches; threads inside them would only fight over the cores.
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def batch_stream(
+    batches: TrainingBatches, first: int, last: int, workers: int = 0, pin_memory: bool = False
+) -> Iterator[Batch]:
+    """The batches of steps ``first`` .. ``last - 1`` in order. With ``workers`` they are made
+    ahead in that many processes (a GPU consumes them faster than one core makes them);
+    each is still the pure function of its step, so the stream is the same either way."""
+    if workers == 0:
+        return (batches.batch(step) for step in range(first, last))
+    batches.samples.share_memory()
+    loader = torch.utils.data.DataLoader(
+        _Steps(batches, first, last),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4,
+        worker_init_fn=_one_thread_each,
+        # Spawned, not forked: a forked child hangs in torch's OpenMP pool once the trainer has used it.
+        multiprocessing_context="spawn",
+    )
+    return iter(loader)
 
 
 def validation_batches(samples: SampleSet, batch_size: int, limit: int | None = None) -> Iterator[tuple[list[int], Batch]]:

@@ -27,7 +27,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from kfgan_daemon.errors import ConfigError, ModelError
 from kfgan_daemon.train import losses as L
 from kfgan_daemon.train.config import TrainConfig, load_config
-from kfgan_daemon.train.samples import Augmentation, Batch, SampleSet, TrainingBatches, validation_batches
+from kfgan_daemon.train.samples import (
+    Augmentation,
+    Batch,
+    SampleSet,
+    TrainingBatches,
+    batch_stream,
+    validation_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -398,9 +405,18 @@ class Trainer:
         running: dict[str, float] = {}
         bar = tqdm(total=final_step, initial=self.step, desc="train", unit="step", disable=not progress)
         with _stop_on_signals() as stop:
-            while self.step < final_step and not stop.requested:
+            # Made under the handlers, so that loader workers inherit them: a Ctrl-C reaching the
+            # whole process group then ends the loop after the step, as without workers.
+            stream = batch_stream(
+                self.batches, self.step, final_step, self.config.run.loader_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            while not stop.requested:
                 started = time.monotonic()
-                values = self.train_step(self.batches.batch(self.step))
+                batch = next(stream, None)
+                if batch is None:
+                    break
+                values = self.train_step(batch)
                 self.train_seconds += time.monotonic() - started
                 for name, value in values.items():
                     running[name] = running.get(name, 0.0) + value
@@ -419,6 +435,8 @@ class Trainer:
                     self.save_checkpoint()
                     last_checkpoint = time.monotonic()
             interrupted = stop.requested
+        # Ends the loader's worker processes, if any, before the checkpoint is written.
+        del stream
         bar.close()
         self.save_checkpoint()
         return TrainResult(
