@@ -275,12 +275,18 @@ class _Steps(torch.utils.data.Dataset):
         return self.batches.batch(self.first + index)
 
 
-def _one_thread_each(worker: int) -> None:
-    # Every worker makes whole batches; threads inside them would only fight over the cores.
+def _loader_worker(worker: int) -> None:
+    import signal
+
     import cv2
 
+    # Every worker makes whole batches; threads inside them would only fight over the cores.
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    # A Ctrl-C or SIGTERM sent to the whole process group is the trainer's to act on: it ends
+    # the run after the step and then stops the workers, which would otherwise die under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def batch_stream(
@@ -298,7 +304,7 @@ def batch_stream(
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=4,
-        worker_init_fn=_one_thread_each,
+        worker_init_fn=_loader_worker,
         # Spawned, not forked: a forked child hangs in torch's OpenMP pool once the trainer has used it.
         multiprocessing_context="spawn",
     )

@@ -405,8 +405,6 @@ class Trainer:
         running: dict[str, float] = {}
         bar = tqdm(total=final_step, initial=self.step, desc="train", unit="step", disable=not progress)
         with _stop_on_signals() as stop:
-            # Made under the handlers, so that loader workers inherit them: a Ctrl-C reaching the
-            # whole process group then ends the loop after the step, as without workers.
             stream = batch_stream(
                 self.batches, self.step, final_step, self.config.run.loader_workers,
                 pin_memory=self.device.type == "cuda",
