@@ -31,8 +31,10 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import numpy as np
@@ -348,6 +350,18 @@ def _stack(rows: dict[str, list]) -> dict[str, np.ndarray]:
 def _stem(video: str, crf: int, sender: str) -> str:
     # The plain sender's files keep the names they had before senders existed.
     return f"{video}_crf{crf}" if sender == "stream" else f"{video}_crf{crf}_{sender}"
+
+
+@contextmanager
+def open_sample_file(path: Path) -> Iterator[np.lib.npyio.NpzFile]:
+    """One sample file, its arrays read as they are asked for; any failure names the file."""
+    try:
+        # Our own handle: np.load leaves its file open when the zip directory is unreadable.
+        with open(path, "rb") as handle, np.load(handle) as arrays:
+            yield arrays
+    # A file cut short is a BadZipFile (its directory is at the end) or an EOFError (an array is).
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: unreadable sample file ({exc}); rebuild the dataset") from exc
 
 
 def sample_file_name(video: str, crf: int, sender: str = "stream") -> str:

@@ -77,14 +77,8 @@ def _gather(
 ) -> StrengthFit:
     fit = StrengthFit()
     for name in names:
-        path = data_dir / name
-        try:
-            with np.load(path) as arrays:
-                parts = {key: arrays[key] for key in _KEYS}
-        except (OSError, KeyError, ValueError) as exc:
-            raise InputError(
-                f"{path}: unreadable sample file or one without quantisers ({exc}); rebuild the dataset"
-            ) from exc
+        with ds.open_sample_file(data_dir / name) as arrays:
+            parts = {key: arrays[key] for key in _KEYS}
         rows = np.flatnonzero(np.isfinite(parts[ds.QUANTISER]))
         for start in range(0, len(rows), _BATCH):
             batch = rows[start : start + _BATCH]

@@ -7,9 +7,7 @@ uninterrupted run would have drawn, with nothing but k in the checkpoint.
 from __future__ import annotations
 
 import logging
-import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,15 +95,15 @@ class SampleSet:
         # per-file arrays would need twice the split's memory at its peak (GBs of crops).
         on_keyframe: list[np.ndarray] = []
         for path in paths:
-            with _sample_file(path) as loaded:
+            with ds.open_sample_file(path) as loaded:
                 on_keyframe.append(loaded[ds.KEY_INDEX] == loaded[ds.FRAME_INDEX])
         row_videos = [manifest.files[name]["video"] for name, rows in zip(names, on_keyframe) for _ in rows]
         total = sum(len(rows) for rows in on_keyframe)
-        with _sample_file(paths[0]) as loaded:
+        with ds.open_sample_file(paths[0]) as loaded:
             columns = {key: np.empty((total, *loaded[key].shape[1:]), loaded[key].dtype) for key in keys}
         start = 0
         for path, rows in zip(paths, on_keyframe):
-            with _sample_file(path) as loaded:
+            with ds.open_sample_file(path) as loaded:
                 for key, column in columns.items():
                     column[start : start + len(rows)] = loaded[key]
             start += len(rows)
@@ -175,18 +173,6 @@ class SampleSet:
         compressed = target if clean else self.compressed[row]
         (reference,) = refined_references([compressed], [self.references[mode][row]], self.reference_flow)
         return [compressed, reference, landmark_image(self.crop_landmarks[row]), target]
-
-
-@contextmanager
-def _sample_file(path: Path) -> Iterator[np.lib.npyio.NpzFile]:
-    """One sample file, its arrays read as they are asked for; any failure names the file."""
-    try:
-        # Our own handle: np.load leaves its file open when the zip directory is unreadable.
-        with open(path, "rb") as handle, np.load(handle) as arrays:
-            yield arrays
-    # A file cut short is a BadZipFile (its directory is at the end) or an EOFError (an array is).
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: unreadable sample file ({exc}); rebuild the dataset") from exc
 
 
 def epoch_permutation(count: int, seed: int, epoch: int) -> np.ndarray:
