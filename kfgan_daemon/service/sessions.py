@@ -23,15 +23,15 @@ from aiortc.sdp import SessionDescription
 from kfgan_daemon.engine import Outcome, StreamEngine
 from kfgan_daemon.errors import EngineError, KfganError
 from kfgan_daemon.service.config import Settings
-from kfgan_daemon.service.heap import trim_heap
+from kfgan_daemon.service.heap import HeapRelease, release_heap
 from kfgan_daemon.webrtc import RestoredVideoTrack
 
 log = logging.getLogger(__name__)
 
 # How often a connected session's traffic counters are read to tell a dead caller.
 _LIVENESS_INTERVAL = 0.5
-# Seconds after a session closed (its objects freed by then) to give free heap back to the OS.
-_TRIM_DELAY = 1.0
+# Seconds after a session closed (its codec threads done by then) to release the heap it used.
+_RELEASE_DELAY = 1.0
 
 
 class OfferError(KfganError):
@@ -89,17 +89,19 @@ class SessionManager:
         on_keyframe_request: Callable[[], None] | None = None,
         on_frame: Callable[[RestoredVideoTrack, Any, Outcome], None] | None = None,
         on_session_closed: Callable[[PeerSession], None] | None = None,
+        on_heap_released: Callable[[HeapRelease], None] | None = None,
     ) -> None:
         self.settings = settings
         self._engine = engine_getter
         self._on_keyframe_request = on_keyframe_request
         self._on_frame = on_frame
         self._on_session_closed = on_session_closed
+        self._on_heap_released = on_heap_released
         self.sessions: dict[str, PeerSession] = {}
         self._ids = itertools.count(1)
         self._accepting = True
         self._background: set[asyncio.Task[Any]] = set()
-        self._trim: asyncio.TimerHandle | None = None
+        self._release: asyncio.TimerHandle | None = None
 
     @property
     def accepting(self) -> bool:
@@ -221,8 +223,8 @@ class SessionManager:
             session.tracks.clear()
             session.sinks.clear()
             session.watch = None
-        if self._trim is None:
-            self._trim = asyncio.get_running_loop().call_later(_TRIM_DELAY, self._trim_heap)
+        if self._release is None:
+            self._release = asyncio.get_running_loop().call_later(_RELEASE_DELAY, self._release_heap)
         log.info("session %s: closed", session.id)
         return True
 
@@ -230,9 +232,9 @@ class SessionManager:
         """Close every session; with ``drain``, frames already in the engine are still sent first."""
         await asyncio.gather(*(self.close(sid, drain=drain, timeout=timeout) for sid in list(self.sessions)),
                              return_exceptions=True)
-        if self._trim is not None:
-            self._trim.cancel()
-            self._trim = None
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -269,9 +271,16 @@ class SessionManager:
                 await self.close(session.id)
                 return
 
-    def _trim_heap(self) -> None:
-        self._trim = None
-        self._spawn(asyncio.to_thread(trim_heap))
+    def _release_heap(self) -> None:
+        self._release = None
+        self._spawn(self._release_in_thread())
+
+    async def _release_in_thread(self) -> None:
+        released = await asyncio.to_thread(release_heap)
+        log.debug("heap released: %d unreachable objects collected in %.1f ms", released.unreachable,
+                  1000 * released.collect_seconds)
+        if self._on_heap_released is not None:
+            self._on_heap_released(released)
 
     def _spawn(self, coro) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
