@@ -7,8 +7,8 @@ starts. What makes that true is that no face model is built on the event loop
 for every face thread are built when the first stream starts, because dlib
 holds the GIL while it builds one); that is asserted exactly. Nor may a full
 garbage collection hold the GIL for 100 ms and more: the daemon exempts what is
-alive at ready from collection (``service.heap``, tested in
-test_service_heap), and the longest collection in the window is printed. The timing
+alive at ready from collection (``engine.heap``, tested in
+test_engine_heap), and the longest collection in the window is printed. The timing
 targets are asserted only on a machine that is not oversubscribed: with more
 runnable threads than cores the event loop waits for a core whatever the
 daemon does (they are printed either way).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import signal
@@ -209,7 +210,10 @@ async def test_start_between_keyframes_loss_corruption_and_garbage_are_survived(
     assert registry.get_sample_value("kfgan_pipe_rtp_packets_malformed_total") >= 2
     assert registry.get_sample_value("kfgan_pipe_rtp_packets_lost_total") >= 1
     assert registry.get_sample_value("kfgan_engine_keyframes_total", {"stream": "pipe"}) >= 3
+    # a live process: what was alive once it listened is out of the collector's scans (engine.heap)
+    assert registry.get_sample_value("kfgan_gc_frozen_objects") >= gc.get_freeze_count() > 0
     summary = await loop.finish(task)
+    assert registry.get_sample_value("kfgan_gc_frozen_objects") == gc.get_freeze_count() == 0
     print("\n" + summary.describe())
     rx = summary.receiver
     assert rx.packets_malformed >= 2 and rx.packets_lost >= 1

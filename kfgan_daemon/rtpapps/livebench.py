@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from kfgan_daemon.engine.engine import StreamEngine
+from kfgan_daemon.engine.heap import CollectorControl
 from kfgan_daemon.engine.settings import EngineSettings, OverloadPolicy
 from kfgan_daemon.engine.stream import Outcome
 from kfgan_daemon.rtpapps.clipsender import RtpClipSender, encode_clip
@@ -189,8 +191,10 @@ async def live_bench(
     stop = asyncio.Event()
     lanes: list[_Lane] = []
     pipes: list[asyncio.Task[PipeSummary]] = []
+    gc_control = CollectorControl(CollectorRegistry())
     try:
         await engine.warm_up(restore_settings)
+        gc_control.freeze()  # as the daemon and the pipe do once ready
         for _ in range(streams):
             counter = _OutputCounter()
             transport, _ = await loop.create_datagram_endpoint(lambda c=counter: c, local_addr=("127.0.0.1", 0))
@@ -235,6 +239,7 @@ async def live_bench(
         for lane in lanes:
             lane.transport.close()
         await engine.stop(drain=False)
+        gc_control.close()
     latencies: list[float] = []
     legs: dict[str, list[float]] = {"camera late": [], "network": [], "engine": [], "output": []}
     outcomes: list[Outcome] = []

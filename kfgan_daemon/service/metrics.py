@@ -36,17 +36,6 @@ class ServiceMetrics:
         self.virtual_camera_skipped = Counter(
             "kfgan_virtual_camera_skipped_total", "Frames not written because the camera was still busy", registry=r
         )
-        self.gc_frozen_objects = Gauge(
-            "kfgan_gc_frozen_objects",
-            "Objects alive when the daemon became ready, exempt from the garbage collector's scans", registry=r,
-        )
-        self.gc_pauses = Histogram(
-            "kfgan_gc_pause_seconds",
-            "Garbage collections by generation: each holds the GIL, a pause of every stream",
-            ["generation"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=r,
-        )
         self.heap_release_collect = Histogram(
             "kfgan_heap_release_collect_seconds",
             "Garbage collection run after calls end, before free heap is returned to the OS (it holds the GIL)",

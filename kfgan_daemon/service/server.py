@@ -3,7 +3,7 @@
 Start-up order: the HTTP server first (``/healthz`` answers and ``/readyz``
 says "loading" meanwhile), then the model is loaded and one batch is run on it
 in a thread, then the streaming engine starts, what is alive then is exempted
-from garbage collection (``service.heap``), ``/readyz`` turns ready and
+from garbage collection (``engine.heap``), ``/readyz`` turns ready and
 systemd hears ``READY=1``. On SIGTERM or SIGINT: ``/readyz`` turns 503, new
 offers get 503, live streams hand out the frames they hold (up to
 ``drain_timeout``), peers are hung up, the engine stops, and the process exits
@@ -22,10 +22,10 @@ from collections.abc import Callable
 from aiohttp import web
 
 from kfgan_daemon.engine import EngineSettings, StreamEngine, run_async
+from kfgan_daemon.engine.heap import CollectorControl
 from kfgan_daemon.errors import KfganError
 from kfgan_daemon.service.app import ServiceState, create_app
 from kfgan_daemon.service.config import Settings
-from kfgan_daemon.service.heap import freeze_long_lived, observe_collections, unfreeze_long_lived
 from kfgan_daemon.service.logs import configure_logging
 from kfgan_daemon.service.metrics import ServiceMetrics
 from kfgan_daemon.service.sessions import SessionManager
@@ -141,8 +141,7 @@ async def run_server(
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     watchdog: asyncio.Task[None] | None = None
-    frozen = False
-    stop_observing_collections = observe_collections(metrics.gc_pauses)
+    gc_control = CollectorControl(metrics.registry)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
@@ -178,8 +177,7 @@ async def run_server(
             # a detector per face thread now, while no call is live (dlib holds the GIL to build one)
             await engine.warm_up(settings.restore_settings())
         state.engine = engine
-        metrics.gc_frozen_objects.set(freeze_long_lived())
-        frozen = True
+        gc_control.freeze()
         state.set_status("ready")
         log.info("ready in %.1f s (model %s on %s)", time.perf_counter() - started, state.model.get("path"), settings.device)
         notifier.notify(f"READY=1\nSTATUS=serving on {url}")
@@ -200,9 +198,7 @@ async def run_server(
             mirror.close()
         if watchdog is not None:
             watchdog.cancel()
-        if frozen:
-            unfreeze_long_lived()
-        stop_observing_collections()
+        gc_control.close()
         await runner.cleanup()
         for signum in handled:
             loop.remove_signal_handler(signum)

@@ -21,9 +21,9 @@ from aiortc.contrib.media import MediaBlackhole
 from aiortc.sdp import SessionDescription
 
 from kfgan_daemon.engine import Outcome, StreamEngine
+from kfgan_daemon.engine.heap import HeapRelease, release_heap
 from kfgan_daemon.errors import EngineError, KfganError
 from kfgan_daemon.service.config import Settings
-from kfgan_daemon.service.heap import HeapRelease, release_heap
 from kfgan_daemon.webrtc import RestoredVideoTrack
 
 log = logging.getLogger(__name__)

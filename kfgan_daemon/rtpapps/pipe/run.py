@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from prometheus_client import CollectorRegistry
 
 from kfgan_daemon.engine.engine import StreamEngine
+from kfgan_daemon.engine.heap import CollectorControl
 from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
 from kfgan_daemon.engine.stream import LiveStream
 from kfgan_daemon.errors import ConfigError, OutputError
@@ -99,8 +100,8 @@ async def run_pipe(
     registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
     metrics = PipeMetrics(registry)
     receiver.on_status = metrics.status_reporter()
-    collector = ReceiverCollector(receiver)
-    registry.register(collector)
+    receiver_collector = ReceiverCollector(receiver)
+    registry.register(receiver_collector)
     frame_rate = receiver.description.frame_rate
     sink = LazyWriter(target, encoder, frame_rate, stdout)
     stop = stop or asyncio.Event()
@@ -120,6 +121,8 @@ async def run_pipe(
     sent = {"frames": 0, "errors": 0}
     started = time.monotonic()
     stream: LiveStream | None = None
+    # A shared engine's owner runs the process and decides about its collector.
+    gc_control = CollectorControl(registry) if own_engine else None
     try:
         if own_engine:
             await engine.start()
@@ -128,6 +131,8 @@ async def run_pipe(
         if output_sdp is not None:
             write_output_sdp(output_sdp, target, frame_rate)
         stream = engine.open_stream(stream_id, policy=policy, realtime=True, restore_settings=restore_settings)
+        if gc_control is not None:
+            gc_control.freeze()
         metrics.set_state(receiver.state)
         if on_ready is not None:
             on_ready(receiver)
@@ -182,7 +187,9 @@ async def run_pipe(
             except OutputError as exc:
                 log.warning("pipe: closing the output: %s", exc)
         write_thread.shutdown(wait=True)
-        registry.unregister(collector)
+        registry.unregister(receiver_collector)
+        if gc_control is not None:
+            gc_control.close()
         for sig in installed:
             loop.remove_signal_handler(sig)
     assert stream is not None

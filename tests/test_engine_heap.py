@@ -1,10 +1,10 @@
-"""The daemon's heap: start-up objects frozen out of garbage collection, a finished call's memory released,
-every collection timed.
+"""A live process's heap: start-up objects frozen out of garbage collection, every collection timed,
+a finished call's memory released.
 
 The soak (test_service_soak) measures what this buys over many calls; here the
 mechanism itself: what ``release_heap`` frees, what freezing exempts, and that
 a real daemon freezes at ready, releases after a real caller hangs up, and
-gives the frozen objects back when it stops.
+gives the frozen objects back when it stops (the pipe: test_pipe).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import time
 import weakref
 
 import pytest
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 
-from kfgan_daemon.service.heap import freeze_long_lived, observe_collections, release_heap, unfreeze_long_lived
+from kfgan_daemon.engine.heap import CollectorControl, release_heap
 from test_service_soak import metric
 from test_webrtc_loopback import ClientPeer, PatternTrack, start_daemon, stop_daemon
 
@@ -43,7 +43,7 @@ def collector_state():
     enabled = gc.isenabled()
     gc.disable()  # no automatic collection may free the cycles before the call under test does
     yield
-    unfreeze_long_lived()
+    gc.unfreeze()
     if enabled:
         gc.enable()
 
@@ -58,17 +58,20 @@ def test_release_heap_frees_reference_cycles_and_returns_pages(collector_state) 
     assert released.trimmed == (platform.libc_ver()[0] == "glibc")
 
 
-def test_frozen_objects_are_not_scanned_until_unfrozen(collector_state) -> None:
+def test_frozen_objects_are_not_scanned_until_closed(collector_state) -> None:
+    registry = CollectorRegistry()
+    control = CollectorControl(registry)
     first, second = Node(), Node()
     first.other, second.other = second, first
-    frozen = freeze_long_lived()
+    frozen = control.freeze()
     assert frozen == gc.get_freeze_count() > 0
+    assert registry.get_sample_value("kfgan_gc_frozen_objects") == frozen
     cycle = weakref.ref(first)
     del first, second
     release_heap()
     assert cycle() is not None, "a frozen object was collected"
-    unfreeze_long_lived()
-    assert gc.get_freeze_count() == 0
+    control.close()
+    assert gc.get_freeze_count() == 0 and registry.get_sample_value("kfgan_gc_frozen_objects") == 0
     release_heap()
     assert cycle() is None
 
@@ -96,15 +99,16 @@ async def test_daemon_freezes_at_ready_releases_after_a_call_and_unfreezes_on_st
 
 
 def test_every_collection_is_timed_by_generation(collector_state) -> None:
-    pauses = Histogram("pauses", "test", ["generation"], registry=CollectorRegistry())
-    stop = observe_collections(pauses)
+    registry = CollectorRegistry()
+    control = CollectorControl(registry)
     try:
         gc.collect(0)
         gc.collect(2)
     finally:
-        stop()
-    gc.collect(1)  # not observed any more
+        control.close()
+    gc.collect(1)  # not timed any more
 
-    counts = {sample.labels["generation"]: sample.value for sample in pauses.collect()[0].samples
-              if sample.name == "pauses_count"}
+    counts = {generation: registry.get_sample_value("kfgan_gc_pause_seconds_count", {"generation": generation})
+              for generation in "012"}
     assert counts == {"0": 1.0, "1": 0.0, "2": 1.0}
+    assert registry.get_sample_value("kfgan_gc_pause_seconds_sum", {"generation": "2"}) > 0
