@@ -112,3 +112,6 @@ def test_every_collection_is_timed_by_generation(collector_state) -> None:
               for generation in "012"}
     assert counts == {"0": 1.0, "1": 0.0, "2": 1.0}
     assert registry.get_sample_value("kfgan_gc_pause_seconds_sum", {"generation": "2"}) > 0
+    totals = control.pause_totals()
+    assert {generation: count for generation, (count, _) in totals.items()} == {0: 1, 1: 0, 2: 1}
+    assert totals[2][1] == registry.get_sample_value("kfgan_gc_pause_seconds_sum", {"generation": "2"})

@@ -321,6 +321,10 @@ async def test_live_bench_measures_latency_and_sustained_rate(tmp_path: Path) ->
     assert result.latency_p50_ms is not None and 0 < result.latency_p50_ms <= result.latency_p95_ms < 1000
     assert 20 <= result.sustained_fps <= 30
     assert "total" in result.stage_ms and "prepare" in result.stage_ms
+    # counted over the measured period only (test_engine_heap checks the counting itself)
+    assert set(result.collections) == {0, 1, 2}
+    assert all(count >= 0 and total_ms >= 0 for count, total_ms in result.collections.values())
+    assert "garbage collections: generation 0" in result.describe()
 
 
 async def test_live_bench_sends_two_cameras_through_one_engine(tmp_path: Path) -> None:

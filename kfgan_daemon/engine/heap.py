@@ -75,6 +75,7 @@ class CollectorControl:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=registry,
         )
+        self._registry = registry
         self.frozen_objects = Gauge(
             "kfgan_gc_frozen_objects",
             "Objects alive when the process became ready, exempt from the garbage collector's scans",
@@ -92,6 +93,16 @@ class CollectorControl:
             self._started = time.perf_counter()
         else:
             self._by_generation[info["generation"]].observe(time.perf_counter() - self._started)
+
+    def pause_totals(self) -> dict[int, tuple[int, float]]:
+        """Collections timed so far: ``{generation: (count, seconds in all)}``."""
+        totals = {}
+        for generation in range(3):
+            labels = {"generation": str(generation)}
+            count = self._registry.get_sample_value("kfgan_gc_pause_seconds_count", labels) or 0.0
+            seconds = self._registry.get_sample_value("kfgan_gc_pause_seconds_sum", labels) or 0.0
+            totals[generation] = (int(count), seconds)
+        return totals
 
     def freeze(self) -> int:
         """Collect, then exempt every object alive now from later collections; returns how many were frozen.

@@ -77,6 +77,9 @@ class LiveBenchResult:
     # sent: the shared event loop's delay), "network" (sent -> arrived), "engine" (arrived -> output
     # ready: decode, face stage, generator, paste), "output" (ready -> encoded and sent)
     latency_legs_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Garbage collections in the measured period by generation, (count, ms in all): each holds the GIL,
+    # a pause of every stream (start-up objects are frozen out of them, as in the daemon)
+    collections: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +119,9 @@ class LiveBenchResult:
                 if self.cpu_ms_per_frame is not None
                 else "  CPU: not measured",
                 f"  engine stages (median): {stages}" if stages else "  engine stages: none measured",
+                "  garbage collections: "
+                + ", ".join(f"generation {generation} {count} ({total_ms:.1f} ms in all)"
+                            for generation, (count, total_ms) in self.collections.items()),
             ]
         )
 
@@ -224,13 +230,14 @@ async def live_bench(
                 )
             try:
                 await asyncio.wait_for(asyncio.gather(*(lane.ready.wait() for lane in lanes)), 30)
-                cpu_start = asyncio.create_task(_cpu_times_after(warmup))
+                cpu_start = asyncio.create_task(_measurement_start(warmup, gc_control))
                 async with contextlib.AsyncExitStack() as senders:
                     for lane in lanes:
                         await senders.enter_async_context(lane.sender)
                     reports = await asyncio.gather(*(lane.sender.play(seconds=total_seconds) for lane in lanes))
-                threads_before, process_before = await cpu_start
+                threads_before, process_before, collections_before = await cpu_start
                 threads_after, cpu_seconds = _thread_cpu_seconds(), time.process_time() - process_before
+                collections_after = gc_control.pause_totals()
                 await asyncio.sleep(max(0.5, 2 * settings.max_latency))
             finally:
                 stop.set()
@@ -303,12 +310,20 @@ async def live_bench(
         stage_ms=summaries[0].stage_median_ms,
         load_average=os.getloadavg(),
         streams=streams,
+        collections={
+            generation: (count - collections_before[generation][0],
+                         1000 * (seconds_in_all - collections_before[generation][1]))
+            for generation, (count, seconds_in_all) in collections_after.items()
+        },
     )
 
 
-async def _cpu_times_after(seconds: float) -> tuple[dict[str, float], float]:
+async def _measurement_start(
+    seconds: float, gc_control: CollectorControl
+) -> tuple[dict[str, float], float, dict[int, tuple[int, float]]]:
+    """CPU times by thread role, the process's CPU time and the collections so far, ``seconds`` from now."""
     await asyncio.sleep(seconds)
-    return _thread_cpu_seconds(), time.process_time()
+    return _thread_cpu_seconds(), time.process_time(), gc_control.pause_totals()
 
 
 def _thread_cpu_seconds() -> dict[str, float]:
