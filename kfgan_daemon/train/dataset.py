@@ -31,10 +31,9 @@ import json
 import logging
 import tempfile
 import time
-import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import numpy as np
@@ -43,6 +42,7 @@ from kfgan_daemon.errors import ConfigError, InputError
 from kfgan_daemon.media.encode import SENDERS
 from kfgan_daemon.train.face_tracks import SUFFIX as TRACKS_SUFFIX
 from kfgan_daemon.train.face_tracks import FaceTracks, ReplayedTracker
+from kfgan_daemon.train.npz import open_npz
 
 log = logging.getLogger(__name__)
 
@@ -352,16 +352,9 @@ def _stem(video: str, crf: int, sender: str) -> str:
     return f"{video}_crf{crf}" if sender == "stream" else f"{video}_crf{crf}_{sender}"
 
 
-@contextmanager
-def open_sample_file(path: Path) -> Iterator[np.lib.npyio.NpzFile]:
+def open_sample_file(path: Path) -> AbstractContextManager[np.lib.npyio.NpzFile]:
     """One sample file, its arrays read as they are asked for; any failure names the file."""
-    try:
-        # Our own handle: np.load leaves its file open when the zip directory is unreadable.
-        with open(path, "rb") as handle, np.load(handle) as arrays:
-            yield arrays
-    # A file cut short is a BadZipFile (its directory is at the end) or an EOFError (an array is).
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: unreadable sample file ({exc}); rebuild the dataset") from exc
+    return open_npz(path, "sample file", "rebuild the dataset")
 
 
 def sample_file_name(video: str, crf: int, sender: str = "stream") -> str:

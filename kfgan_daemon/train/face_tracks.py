@@ -14,13 +14,13 @@ landmarks may be those of an encode a few hundredths of a dB away: what alignmen
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from kfgan_daemon.errors import InputError
+from kfgan_daemon.train.npz import open_npz
 
 SUFFIX = ".tracks.npz"
 LANDMARKS = "landmarks"  # frames x 68 x 2 float64, NaN on a frame without a face
@@ -58,11 +58,8 @@ class FaceTracks:
 
     @classmethod
     def load(cls, path: Path) -> FaceTracks:
-        try:
-            with open(path, "rb") as handle, np.load(handle) as arrays:
-                stacked, sources, settings = arrays[LANDMARKS], arrays[SOURCES], json.loads(str(arrays[SETTINGS]))
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise InputError(f"{path}: unreadable face tracks ({exc}); delete the file to track afresh") from exc
+        with open_npz(path, "face tracks", "delete the file to track afresh") as arrays:
+            stacked, sources, settings = arrays[LANDMARKS], arrays[SOURCES], json.loads(str(arrays[SETTINGS]))
         landmarks = [None if np.isnan(frame).any() else frame for frame in stacked]
         return cls(settings, landmarks, [str(source) or None for source in sources])
 
