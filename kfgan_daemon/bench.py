@@ -1,12 +1,20 @@
-"""`kfgan-daemon bench`: where the time of one frame goes, stage by stage."""
+"""`kfgan-daemon bench`: where the time of one frame goes, stage by stage.
+
+Beside the figures, both benches (this one and ``--live``) report the
+generator's milliseconds per crop on one torch thread: a short, separate
+measurement of how fast the machine itself is, so that figures from different
+machines (and from one machine under different loads) can be compared.
+"""
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kfgan_daemon.face import crop_footprint, mls_warp
 from kfgan_daemon.face.models import warm_face_models
@@ -19,6 +27,8 @@ from kfgan_daemon.restore.stream import StreamRestorer
 # Stages every face frame pays; "identity" (a face descriptor) runs only on I-frames and new faces.
 FACE_STAGES = ("track", "align", "select", "warp", "paste")
 STAGE_ORDER = ("decode", "track", "align", "identity", "select", "warp", "generator", "native_detail", "paste", "encode")
+# Batch-1 generator calls timed for the machine's speed: enough for a steady median, about a second with the lite model.
+MACHINE_CALLS = 10
 
 
 @dataclass
@@ -37,6 +47,8 @@ class BenchReport:
     # The colour work of a restored frame: the face region converted to RGB for alignment,
     # plus the paste into the YUV planes (nothing else in the path converts colour).
     region_rgb_ms: float | None = None
+    # The machine's speed: generator ms per crop, batch 1, one torch thread (see the module docstring).
+    generator_ms_one_thread: float | None = None
 
     @property
     def fps(self) -> float:
@@ -49,6 +61,8 @@ class BenchReport:
     def render(self) -> str:
         of = f" of the clip's {self.clip_frames}" if self.clip_frames else ""
         lines = [f"clip {self.clip.name} {self.width}x{self.height}: timed {self.frames}{of} frames, {self.restored} restored"]
+        if self.generator_ms_one_thread is not None:
+            lines.append(f"machine: {describe_machine_speed(self.generator_ms_one_thread)}")
         lines.append("stage           ms per call   calls")
         for stage in STAGE_ORDER:
             if stage in self.stage_ms:
@@ -77,6 +91,31 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return 1000.0 * float(np.median(samples))
+
+
+def describe_machine_speed(ms: float) -> str:
+    """The one-thread generator figure as both benches print it."""
+    return f"generator {ms:.1f} ms per crop on one torch thread (batch 1, median of {MACHINE_CALLS} calls)"
+
+
+def measure_generator_ms_one_thread(generator: Callable[[Sequence[FaceJob]], list[np.ndarray]]) -> float:
+    """Median ms of batch-1 calls of ``generator`` on one torch thread, after one unmeasured call.
+
+    Call it while nothing else uses torch: the thread count is process-wide, and
+    is set back to what it was afterwards. A generator under ONNX Runtime runs on
+    its own configured threads (one unless asked otherwise).
+    """
+    rng = np.random.default_rng(0)
+    # Noise rather than zeros, so that no content-dependent shortcut makes the call cheaper than a face's.
+    crop = rng.integers(0, 256, (256, 256, 3), np.uint8)
+    reference = rng.integers(0, 256, (256, 256, 3), np.uint8)
+    job = FaceJob(crop, reference, np.zeros_like(crop), np.eye(2, 3), np.zeros((68, 2), np.int64), -1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _median_ms(lambda: generator([job]), MACHINE_CALLS)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def micro_benchmarks(job: FaceJob, generator: CropGenerator, src_landmarks: np.ndarray) -> dict[str, float]:
@@ -149,4 +188,5 @@ def run_offline_bench(
         detector_calls=restorer.tracker.stats.detector_runs,
         micro_ms=micro,
         region_rgb_ms=region_rgb_ms,
+        generator_ms_one_thread=measure_generator_ms_one_thread(generator),
     )

@@ -14,6 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from kfgan_daemon.engine.machine import MachineLoad
 from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.frame import DecodedFrame
 
@@ -52,6 +53,7 @@ class ScriptedRestorer:
     passed: list[int] = field(default_factory=list)
     located: list[int] = field(default_factory=list)
     carried: list[tuple[int, int]] = field(default_factory=list)  # (frame index, index of the restored frame)
+    remembered: list[int] = field(default_factory=list)  # frames whose crop came too late, kept to carry
     skip_reason: str | None = None
     last_restored: tuple[int, int] | None = None  # (frame index, crop value)
     _threads: set[int] = field(default_factory=set)
@@ -122,6 +124,11 @@ class ScriptedRestorer:
         out.y[0, 1] = CARRIED_MARK
         return out
 
+    def remember(self, frame: DecodedFrame, job: ScriptedJob, restored_crop: np.ndarray) -> None:
+        self.remembered.append(frame.index)
+        if self.last_restored is None or self.last_restored[0] < frame.index:
+            self.last_restored = (frame.index, int(restored_crop[0, 0, 0]))
+
     @property
     def can_carry_forward(self) -> bool:
         return self.last_restored is not None
@@ -186,3 +193,9 @@ async def feed(stream, count: int, fps: float | None, gop: int = 10, start: int 
 
 async def collect(stream) -> list:
     return [out async for out in stream.results()]
+
+
+def quiet_machine(cores: float = 2.0) -> MachineLoad:
+    """A machine where no other program runs, whatever else the test machine is doing: the planner
+    then plans from this process's own costs only (the doubles' sleeps cost no CPU)."""
+    return MachineLoad(cores, read_busy=lambda: None)

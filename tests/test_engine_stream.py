@@ -12,7 +12,16 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from engine_support import CARRIED_MARK, RESTORED_MARK, ScriptedRestorer, TimedGenerator, collect, feed, make_frame
+from engine_support import (
+    CARRIED_MARK,
+    RESTORED_MARK,
+    ScriptedRestorer,
+    TimedGenerator,
+    collect,
+    feed,
+    make_frame,
+    quiet_machine,
+)
 from kfgan_daemon.engine import EngineSettings, Outcome, StreamEngine
 from kfgan_daemon.errors import EngineError, StreamClosedError
 
@@ -91,7 +100,7 @@ async def test_slow_generator_keeps_latency_bounded_and_keyframes_stored(policy:
 
 async def test_realtime_stream_restores_everything_when_the_generator_keeps_up() -> None:
     generator = TimedGenerator(delay=0.01)
-    async with StreamEngine(generator, EngineSettings(max_latency=0.1)) as engine:
+    async with StreamEngine(generator, EngineSettings(max_latency=0.1), machine=quiet_machine()) as engine:
         stream = engine.open_stream("live", restorer=ScriptedRestorer())
         outputs, _ = await asyncio.gather(collect(stream), feed(stream, 30, fps=50, gop=10))
     assert [out.outcome for out in outputs] == [Outcome.RESTORED] * 30
@@ -102,7 +111,7 @@ async def test_four_streams_share_one_inference_worker_in_mixed_batches() -> Non
     generator = TimedGenerator(delay=0.02)
     settings = EngineSettings(max_batch=4, max_batch_wait=0.005, max_latency=0.3)
     registry = CollectorRegistry()
-    async with StreamEngine(generator, settings, registry=registry) as engine:
+    async with StreamEngine(generator, settings, registry=registry, machine=quiet_machine()) as engine:
         streams = [engine.open_stream(f"cam{i}", restorer=ScriptedRestorer(name=f"cam{i}")) for i in range(4)]
         results = await asyncio.gather(
             *(collect(s) for s in streams), *(feed(s, 25, fps=25, gop=5) for s in streams)
@@ -122,7 +131,9 @@ async def test_four_streams_share_one_inference_worker_in_mixed_batches() -> Non
 
 async def test_one_streams_failures_do_not_touch_another() -> None:
     generator = TimedGenerator(poison="bad")
-    async with StreamEngine(generator, EngineSettings(max_latency=0.5, max_batch_wait=0.01)) as engine:
+    async with StreamEngine(
+        generator, EngineSettings(max_latency=0.5, max_batch_wait=0.01), machine=quiet_machine()
+    ) as engine:
         bad = engine.open_stream("bad", restorer=ScriptedRestorer(name="bad", fail_prepare={3}, fail_complete={5}))
         good = engine.open_stream("good", restorer=ScriptedRestorer(name="good"))
         bad_out, good_out, _, _ = await asyncio.gather(

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
 import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from kfgan_daemon.errors import ConfigError, InputError
 from kfgan_daemon.media.rtp import RtpReceiver
 from kfgan_daemon.model.lite import LiteGenerator
 from kfgan_daemon.restore import CropGenerator
-from kfgan_daemon.rtpapps.clipsender import EncodedClip, RtpClipSender, encode_clip
+from kfgan_daemon.rtpapps.clipsender import EncodedClip, RtpClipSender, RtpClipSenderProcess, encode_clip
 from kfgan_daemon.rtpapps.pipe import EncoderOptions, PipeSummary, SentFrame, run_pipe
 
 pytestmark = pytest.mark.timeout(120)
@@ -301,7 +303,13 @@ async def test_pipe_restores_a_real_face(media_dir: Path, tmp_path: Path) -> Non
     print("\n" + summary.describe())
     restored = [item for item in loop.sent if item.output.outcome is Outcome.RESTORED]
     assert summary.frames_sent >= 0.95 * 50
-    assert len(restored) >= 10, summary.engine
+    # How many are restored is the plan's to decide from this machine's load (other programs included);
+    # every frame after the first restored one carries a correction if it is not restored itself.
+    assert len(restored) >= 5, summary.engine
+    first = min(item.output.frame.index for item in restored)
+    later = [item for item in loop.sent if item.output.frame.index > first]
+    carried = [item for item in later if item.output.outcome is Outcome.CARRIED_FORWARD]
+    assert len(restored) + len(carried) >= 0.9 * (len(later) + 1), summary.engine
     assert summary.engine.keyframes == 5
 
 
@@ -325,6 +333,15 @@ async def test_live_bench_measures_latency_and_sustained_rate(tmp_path: Path) ->
     assert set(result.collections) == {0, 1, 2}
     assert all(count >= 0 and total_ms >= 0 for count, total_ms in result.collections.values())
     assert "garbage collections: generation 0" in result.describe()
+    # figures comparable across machines: the machine's own speed and the cores this process kept busy
+    assert result.generator_ms_one_thread is not None and result.generator_ms_one_thread > 0
+    assert result.cores_used is not None and 0 < result.cores_used <= os.cpu_count()
+    assert "ms per crop on one torch thread" in result.describe()
+    assert f"frames ({result.cores_used:.2f} cores used)" in result.describe()
+    assert {"generator_ms_one_thread", "cores_used", "camera_pids"} <= set(result.to_dict())
+    # the camera sent from a process of its own, which has ended with the bench
+    assert len(result.camera_pids) == 1 and os.getpid() not in result.camera_pids
+    assert not process_exists(result.camera_pids[0])
 
 
 async def test_live_bench_sends_two_cameras_through_one_engine(tmp_path: Path) -> None:
@@ -337,3 +354,45 @@ async def test_live_bench_sends_two_cameras_through_one_engine(tmp_path: Path) -
     assert 2 * 34 <= result.frames_sent <= 2 * 41  # both cameras counted
     assert result.frames_received >= 0.9 * result.frames_sent
     assert 20 <= result.sustained_fps <= 30  # the slower of the two
+    assert len(set(result.camera_pids)) == 2 and os.getpid() not in result.camera_pids  # a process per camera
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_camera_process_sends_on_the_schedule_it_was_given(synthetic_clip: EncodedClip) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.setblocking(False)
+        async with RtpClipSenderProcess(synthetic_clip, "127.0.0.1", receiver.getsockname()[1]) as camera:
+            assert camera.pid is not None and camera.pid != os.getpid()
+            start_at = time.monotonic() + 0.2
+            report = await camera.play(frames=10, start_at=start_at)
+            pid = camera.pid
+        datagrams = 0
+        with contextlib.suppress(BlockingIOError):
+            while receiver.recv(2048):
+                datagrams += 1
+    assert report.pid == pid
+    assert report.started_at == start_at
+    assert report.frames == 10 and report.packets == datagrams > 0
+    # its clock is this process's (CLOCK_MONOTONIC is system-wide): due and sent times line up with ours
+    assert report.scheduled_at == pytest.approx([start_at + n / FPS for n in range(10)])
+    assert all(due <= sent < time.monotonic() for due, sent in zip(report.scheduled_at, report.sent_at))
+    assert not process_exists(pid)
+
+
+async def test_camera_process_stops_with_the_block_that_started_it(synthetic_clip: EncodedClip) -> None:
+    async with RtpClipSenderProcess(synthetic_clip, "127.0.0.1", free_udp_port()) as camera:
+        pid = camera.pid
+        play = asyncio.create_task(camera.play(seconds=60))
+        await asyncio.sleep(0.3)
+        play.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await play
+    assert pid is not None and not process_exists(pid)

@@ -182,7 +182,9 @@ async def test_real_face_is_restored_in_place(media_dir: Path) -> None:
         outside = np.ones_like(difference, dtype=bool)
         outside[top : bottom + 1, left : right + 1] = False
         assert outside.mean() > 0.2 and not difference[outside].any()
-        chroma_outside = outside[::2, ::2]
+        # a chroma sample covers a 2x2 block of luma: outside only if all four are (the paste mask's
+        # soft edge can round a luma change to 0 where the chroma sample beside it still moved by 1)
+        chroma_outside = outside[::2, ::2] & outside[1::2, ::2] & outside[::2, 1::2] & outside[1::2, 1::2]
         assert np.array_equal(restored.u[chroma_outside], original.u[chroma_outside])
         assert np.array_equal(restored.v[chroma_outside], original.v[chroma_outside])
         assert track.stream.info().keyframes_stored >= 1

@@ -4,21 +4,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import statistics
+import threading
+import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kfgan_daemon.engine.inference import BatchGenerator, InferenceWorker
+from kfgan_daemon.engine.machine import MachineLoad
 from kfgan_daemon.engine.metrics import EngineMetrics
+from kfgan_daemon.engine.planner import CadencePlanner
 from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
 from kfgan_daemon.engine.stream import FrameRestorer, LiveStream, StreamInfo
 from kfgan_daemon.errors import EngineError
+from kfgan_daemon.face.detector import DetectorProcess
+from kfgan_daemon.face.identity import DescriberProcess
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from kfgan_daemon.face.native_detail import NativeDetailFilter
     from kfgan_daemon.restore import RestoreSettings
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ class StreamEngine:
         *,
         registry: "CollectorRegistry | None" = None,
         metrics: EngineMetrics | None = None,
+        machine: MachineLoad | None = None,
     ) -> None:
         self.generator = generator
         self.settings = settings or EngineSettings()
@@ -58,6 +65,12 @@ class StreamEngine:
         self.device = str(getattr(generator, "device", "cpu"))
         self.native_detail = getattr(generator, "native_detail", None)
         self._streams: dict[str, LiveStream] = {}
+        self.planner = CadencePlanner(self.settings, machine)
+        # dlib's long runs for live streams (descriptors, whole-frame detections), in child processes
+        # by model: they hold the GIL for 100 ms and more (face.child).
+        self._detectors: dict[tuple[str, str | None], DetectorProcess] = {}
+        self._describers: dict[str | None, DescriberProcess] = {}
+        self._children_lock = threading.Lock()
         self._worker: InferenceWorker | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._paste_executor: ThreadPoolExecutor | None = None
@@ -81,12 +94,15 @@ class StreamEngine:
             queue_size=self.settings.inference_queue_size,
             metrics=self.metrics,
             open_streams=lambda: len(self._streams),
+            on_batch=self.planner.observe_batch,
         )
         self._worker.start()
         self._started = True
 
     async def warm_up(self, restore_settings: "RestoreSettings | None" = None) -> None:
-        """Load the face models streams will use, one detector per face thread, on a worker thread.
+        """Load the face models streams will use, one detector per face thread, start the child
+        processes of live streams' identity checks and whole-frame searches, and time the generator
+        (the planner's first measure of this machine), all off the event loop.
 
         dlib holds the GIL while it builds a detector or reads the shape predictor,
         stalling every thread for up to a second or two on a busy machine: call this
@@ -97,6 +113,18 @@ class StreamEngine:
             raise EngineError("the engine is not started; await engine.start() first")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, _warm_face_models, restore_settings, self.settings.cpu_threads)
+        settings = _restore_settings(restore_settings)
+        await loop.run_in_executor(self._executor, self._detector_process(settings).warm)
+        describer = self._describer_process(settings)
+        if describer is not None:
+            await loop.run_in_executor(self._executor, describer.warm)
+        seconds = await self.inference.run_in_thread(_time_generator, self.generator)
+        if seconds is not None:
+            self.planner.set_generator_prior(seconds)
+            log.info(
+                "generator: %.1f ms per crop on %s; capacity estimate %d stream(s) of %dx%d at %g FPS",
+                1000 * seconds, self.device, self.planner.capacity(), *self.settings.capacity_reference,
+            )
 
     async def stop(self, drain: bool = True, timeout: float | None = 10.0) -> None:
         """Close every stream (draining what was submitted, up to ``timeout`` seconds each), then stop."""
@@ -115,11 +143,25 @@ class StreamEngine:
                     executor.shutdown(wait=True, cancel_futures=True)
 
         await asyncio.get_running_loop().run_in_executor(None, shut_down)
+        with self._children_lock:
+            children = [*self._detectors.values(), *self._describers.values()]
+            self._detectors, self._describers = {}, {}
+        for child in children:
+            await asyncio.get_running_loop().run_in_executor(None, child.close)
         self._started = False
 
     @property
     def running(self) -> bool:
         return self._started
+
+    def capacity(self) -> int:
+        """Live streams this engine estimates it can serve with at least ``min_restored_share`` of their
+        frames restored (at least 1), from what it measured on this machine."""
+        return self.planner.capacity()
+
+    def capacity_in_use(self) -> float:
+        """Open streams over :meth:`capacity` (1: full)."""
+        return self.planner.capacity_in_use()
 
     def _limit_cpu_inference_threads(self) -> None:
         threads = self.settings.inference_threads
@@ -173,9 +215,7 @@ class StreamEngine:
         assert self._worker is not None and self._executor is not None
         stream = LiveStream(
             stream_id,
-            restorer
-            if restorer is not None
-            else partial(_build_restorer, restore_settings, self.settings.cpu_threads, self.native_detail),
+            restorer if restorer is not None else partial(self._build_restorer, restore_settings, realtime),
             self._worker,
             self._executor,
             self.settings,
@@ -184,7 +224,10 @@ class StreamEngine:
             realtime=realtime,
             on_closed=self._forget,
             paste_executor=self._paste_executor,
+            planner=self.planner if realtime else None,
         )
+        if realtime:
+            self.planner.add_stream(stream_id)
         self._streams[stream_id] = stream
         self.metrics.streams_open.set(len(self._streams))
         stream.start()
@@ -224,19 +267,66 @@ class StreamEngine:
             if candidate not in self._streams:
                 return candidate
 
+    def _detector_process(self, settings: "RestoreSettings") -> DetectorProcess:
+        """The child process for ``settings``' whole-frame face searches (made on first use)."""
+        key = (settings.detector, _path_key(settings.detector_path))
+        with self._children_lock:
+            process = self._detectors.get(key)
+            if process is None:
+                process = self._detectors[key] = DetectorProcess(settings.detector, settings.detector_path)
+            return process
+
+    def _describer_process(self, settings: "RestoreSettings") -> DescriberProcess | None:
+        """The child process for ``settings``' identity checks (None: no identity check)."""
+        if not settings.identity_check:
+            return None
+        key = _path_key(settings.descriptor_path)
+        with self._children_lock:
+            process = self._describers.get(key)
+            if process is None:
+                process = self._describers[key] = DescriberProcess(settings.descriptor_path)
+            return process
+
+    def _build_restorer(self, settings: "RestoreSettings | None", realtime: bool) -> FrameRestorer:
+        """A stream's restorer (on a worker thread), with the process's face models warmed for every
+        face thread (a no-op once done; see :meth:`warm_up`). A live stream's identity checks go to a
+        child process, off the frame path; a file's are computed in order, the same every run."""
+        from kfgan_daemon.restore import StreamRestorer
+
+        settings = _restore_settings(settings)
+        _warm_face_models(settings, self.settings.cpu_threads)
+        if not realtime:
+            return StreamRestorer(settings, native_detail=self.native_detail)
+        return StreamRestorer(
+            settings,
+            native_detail=self.native_detail,
+            describer=self._describer_process(settings),
+            full_frame_detector=self._detector_process(settings),
+        )
+
     def _forget(self, stream: LiveStream) -> None:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
+            self.planner.remove_stream(stream.id)
         self.metrics.forget_stream(stream.id)
         self.metrics.streams_open.set(len(self._streams))
         log.info("stream %s closed: %s", stream.id, stream.stats)
 
 
-def _warm_face_models(settings: "RestoreSettings | None", face_threads: int) -> None:
-    from kfgan_daemon.face.models import warm_face_models
+def _path_key(path: object) -> str | None:
+    return None if path is None else str(path)
+
+
+def _restore_settings(settings: "RestoreSettings | None") -> "RestoreSettings":
     from kfgan_daemon.restore import RestoreSettings
 
-    settings = settings or RestoreSettings()
+    return settings or RestoreSettings()
+
+
+def _warm_face_models(settings: "RestoreSettings | None", face_threads: int) -> None:
+    from kfgan_daemon.face.models import warm_face_models
+
+    settings = _restore_settings(settings)
     warm_face_models(
         settings.detector,
         face_threads,
@@ -247,15 +337,19 @@ def _warm_face_models(settings: "RestoreSettings | None", face_threads: int) -> 
     )
 
 
-def _build_restorer(
-    settings: "RestoreSettings | None", face_threads: int, native_detail: "NativeDetailFilter | None" = None
-) -> FrameRestorer:
-    """A stream's restorer, with the process's face models warmed for ``face_threads`` threads
-    (a no-op once done; see :meth:`StreamEngine.warm_up`)."""
-    from kfgan_daemon.restore import StreamRestorer
-
-    _warm_face_models(settings, face_threads)
-    return StreamRestorer(settings, native_detail=native_detail)
+def _time_generator(generator: BatchGenerator, calls: int = 5) -> float | None:
+    """Median seconds of one crop through ``generator`` on the calling thread (the inference
+    worker's), or None for a generator that cannot make a blank job of its own."""
+    warm_up = getattr(generator, "warm_up", None)
+    if warm_up is None:
+        return None
+    warm_up(1)  # lazy initialisation is not the generator's speed
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        warm_up(1)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:

@@ -84,6 +84,7 @@ class InferenceWorker:
         open_streams: Callable[[], int] = lambda: 1,
         history: int = 256,
         restart_delay: float = RESTART_DELAY,
+        on_batch: Callable[[int, float, float], None] | None = None,
     ) -> None:
         self.generator = generator
         self.device = device
@@ -93,6 +94,8 @@ class InferenceWorker:
         self.metrics = metrics or EngineMetrics()
         self.restart_delay = restart_delay
         self._open_streams = open_streams
+        # Told (size, wall seconds, CPU seconds of the inference thread) after every generator call.
+        self._on_batch = on_batch
         self._queue: deque[_Request] = deque()
         self._arrived = asyncio.Event()
         self._space = asyncio.Event()
@@ -193,6 +196,12 @@ class InferenceWorker:
         self._restart = asyncio.get_running_loop().call_later(delay, self._spawn)
 
     # ---- jobs -----------------------------------------------------------------------
+
+    async def run_in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the inference thread (where the generator's thread settings apply) between batches."""
+        if self._executor is None:
+            raise EngineError("the inference worker is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def expected_finish(self, now: float) -> float:
         """When a job submitted now would probably be done: after the running batch and the queued jobs."""
@@ -313,7 +322,7 @@ class InferenceWorker:
         start = time.perf_counter()
         self._busy_until = time.monotonic() + self.service_time.predict(len(jobs), time.monotonic())
         try:
-            crops = await loop.run_in_executor(self._executor, self._call, jobs)
+            crops, cpu = await loop.run_in_executor(self._executor, self._call, jobs)
         except Exception as exc:  # the generator failed: isolate the job that did it
             self.metrics.inference_errors.labels(self.device).inc()
             throttled.warning(
@@ -327,7 +336,7 @@ class InferenceWorker:
                     await self._execute_single(request, loop)
             return
         seconds = time.perf_counter() - start
-        self._record(batch, seconds)
+        self._record(batch, seconds, cpu)
         for request, crop in zip(batch, crops, strict=True):
             if not request.future.done():
                 request.future.set_result(crop)
@@ -338,22 +347,25 @@ class InferenceWorker:
         start = time.perf_counter()
         self._busy_until = time.monotonic() + self.service_time.predict(1, time.monotonic())
         try:
-            (crop,) = await loop.run_in_executor(self._executor, self._call, [request.job])
+            (crop,), cpu = await loop.run_in_executor(self._executor, self._call, [request.job])
         except Exception as exc:
             self.metrics.inference_errors.labels(self.device).inc()
             _fail(request.future, exc)
             return
-        self._record([request], time.perf_counter() - start)
+        self._record([request], time.perf_counter() - start, cpu)
         if not request.future.done():
             request.future.set_result(crop)
 
-    def _call(self, jobs: list[FaceJob]) -> list[np.ndarray]:
+    def _call(self, jobs: list[FaceJob]) -> tuple[list[np.ndarray], float]:
+        """The batch's crops and the CPU seconds this thread spent on them (all of a one-thread CPU
+        generator's work; a GPU's shows as wall time only)."""
+        cpu_start = time.thread_time()
         crops = self.generator(jobs)
         if len(crops) != len(jobs):
             raise EngineError(f"generator returned {len(crops)} crops for {len(jobs)} jobs")
-        return crops
+        return crops, time.thread_time() - cpu_start
 
-    def _record(self, batch: list[_Request], seconds: float) -> None:
+    def _record(self, batch: list[_Request], seconds: float, cpu_seconds: float) -> None:
         streams = frozenset(request.stream_id for request in batch)
         self.batches += 1
         self.jobs += len(batch)
@@ -364,6 +376,8 @@ class InferenceWorker:
         self.metrics.batch_size.labels(self.device).observe(len(batch))
         self.metrics.batch_streams.labels(self.device).observe(len(streams))
         self.metrics.batch_seconds.labels(self.device).observe(seconds)
+        if self._on_batch is not None:
+            self._on_batch(len(batch), seconds, cpu_seconds)
 
 
 def _fail(future: asyncio.Future, exc: BaseException) -> None:

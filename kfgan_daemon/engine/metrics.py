@@ -7,7 +7,8 @@ LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.12, 
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 STAGES = (
-    "start", "prepare", "locate", "observe_keyframe", "inference", "complete", "carry_forward", "pass_through", "total"
+    "start", "prepare", "locate", "observe_keyframe", "inference", "complete", "carry_forward", "remember", "pass_through",
+    "total",
 )
 OUTCOMES = ("restored", "carried_forward", "no_face", "no_keyframe", "shed", "dropped", "error")
 QUEUES = ("inbox", "pending", "outbox")
@@ -99,6 +100,15 @@ class EngineMetrics:
             ["stream"],
             registry=r,
         )
+        self.restored_share = Gauge(
+            "kfgan_engine_planned_restored_share",
+            "Share of a live stream's frames the plan restores (1: every frame); the others carry the last correction",
+            ["stream"],
+            registry=r,
+        )
+        self.plan_rate = Gauge(
+            "kfgan_engine_planned_restorations_per_second", "Crops per second planned over all live streams", registry=r
+        )
         self.receive_dropped = Counter(
             "kfgan_engine_receive_dropped_total",
             "Received frames discarded before the stream took them because newer ones arrived (never I-frames)",
@@ -115,6 +125,7 @@ class EngineMetrics:
         self._remove(self.fps, (stream_id,))
         self._remove(self.receive_backlog, (stream_id,))
         self._remove(self.receive_dropped, (stream_id,))
+        self._remove(self.restored_share, (stream_id,))
         for stage in STAGES:
             self._remove(self.stage_seconds, (stream_id, stage))
             self._remove(self.errors, (stream_id, stage))

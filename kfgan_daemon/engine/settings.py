@@ -20,15 +20,19 @@ class EngineSettings:
     Latency in a real-time stream is bounded by ``max_latency``, counted from
     the frame's arrival (its last packet): a frame whose restoration cannot
     finish by then is sent with the last restored correction carried forward,
-    else unrestored, with policy ``passthrough``, or dropped with ``drop``. A
-    frame that has already waited ``shed_after`` before its face could even be
-    prepared is not restored, because it could not make the deadline anyway.
+    else unrestored, with policy ``passthrough``, or dropped with ``drop``.
+
+    Which frames are restored is planned (``engine.planner``): the engine keeps
+    ``target_busy`` of the usable cores busy, shares the restorations fairly
+    among the streams and replans every ``plan_interval`` seconds. Its capacity
+    is the number of streams that fit with at least ``min_restored_share`` of
+    their frames restored; before any stream has run it is estimated for a
+    ``capacity_reference`` stream (width, height, frames per second).
     """
 
     max_batch: int = 4
     max_batch_wait: float = 0.005
     max_latency: float = 0.1
-    shed_after: float | None = None
     max_in_flight: int = 3
     inbox_size: int = 8
     outbox_size: int = 8
@@ -46,6 +50,10 @@ class EngineSettings:
     # Measured on s18 and d12 (bench --carry-forward): the same face PSNR and 1-2% less flicker
     # than following every face; 0 follows every late frame's face when there is time.
     unfollowed_carry_frames: int = 2
+    target_busy: float = 0.85
+    min_restored_share: float = 0.2
+    plan_interval: float = 0.5
+    capacity_reference: tuple[int, int, float] = (640, 480, 30.0)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -54,8 +62,6 @@ class EngineSettings:
             raise ValueError("max_batch_wait must not be negative")
         if self.max_latency <= 0:
             raise ValueError("max_latency must be positive")
-        if self.shed_after is not None and not 0 < self.shed_after <= self.max_latency:
-            raise ValueError("shed_after must be positive and at most max_latency")
         for name in ("max_in_flight", "inbox_size", "outbox_size", "inference_queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -67,10 +73,15 @@ class EngineSettings:
             raise ValueError("unfollowed_carry_frames must not be negative")
         if self.inference_threads is not None and self.inference_threads < 1:
             raise ValueError("inference_threads must be at least 1 (or None to leave torch alone)")
-
-    @property
-    def shed_threshold(self) -> float:
-        return self.shed_after if self.shed_after is not None else self.max_latency / 2
+        if not 0 < self.target_busy <= 1:
+            raise ValueError("target_busy must be in (0, 1]")
+        if not 0 < self.min_restored_share <= 1:
+            raise ValueError("min_restored_share must be in (0, 1]")
+        if self.plan_interval <= 0:
+            raise ValueError("plan_interval must be positive")
+        width, height, fps = self.capacity_reference
+        if width < 1 or height < 1 or fps <= 0:
+            raise ValueError("capacity_reference must be (width, height, frames per second), all positive")
 
     @property
     def cpu_threads(self) -> int:

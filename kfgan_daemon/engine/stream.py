@@ -1,9 +1,11 @@
 """One live stream inside the engine: ordered, bounded, and never later than its deadline.
 
 Every submitted frame becomes a record that enters two FIFO queues. The *face*
-task takes records in order, decides whether each can still be restored in
-time, runs the face stage in a thread and hands the face job to the shared
-inference worker, whose answer resolves the record. The *emit* task takes the
+task takes records in order, asks the engine's plan (``engine.planner``)
+whether the frame is one of the stream's planned restorations and whether it
+can still finish in time, runs the face stage in a thread and hands the face
+job to the shared inference worker, whose answer resolves the record. Frames
+the plan does not restore get the last correction carried forward. The *emit* task takes the
 same records in the same order and waits for each, in a real-time stream at
 most until the frame's deadline. A frame that cannot be restored in time (a
 slow first detection, an overloaded generator) is not sent as it came: the
@@ -26,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -36,6 +38,7 @@ import numpy as np
 from kfgan_daemon.engine.estimate import RecentDuration
 from kfgan_daemon.engine.inference import InferenceWorker
 from kfgan_daemon.engine.metrics import EngineMetrics
+from kfgan_daemon.engine.planner import CadencePlanner, StreamPlanInfo
 from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
 from kfgan_daemon.errors import EngineError, StreamClosedError
 from kfgan_daemon.logthrottle import ThrottledLog
@@ -65,7 +68,8 @@ class FrameRestorer(Protocol):
     the correction of the last restored frame with a frame's own matrix (None:
     the last followed frame's), or returns None when there is none fit to carry
     (no restored frame yet, a new person, too long ago). ``can_carry_forward``
-    says whether there is one.
+    says whether there is one. ``remember`` keeps a crop that came too late for
+    its own frame as the correction to carry onto the next ones.
     """
 
     def prepare(self, frame: DecodedFrame) -> FaceJob | None: ...
@@ -80,6 +84,8 @@ class FrameRestorer(Protocol):
     def complete(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> DecodedFrame: ...
 
     def carry_forward(self, frame: DecodedFrame, matrix: np.ndarray | None) -> DecodedFrame | None: ...
+
+    def remember(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> None: ...
 
     @property
     def can_carry_forward(self) -> bool: ...
@@ -150,6 +156,7 @@ class StreamInfo:
     needs_keyframe: bool
     last_error: str | None = None
     stage_ms: dict[str, float] = field(default_factory=dict)
+    plan: StreamPlanInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,8 +173,9 @@ _END = _End()
 class _Result:
     """How the face task (or the generator) settled a frame.
 
-    ``late``: it cannot be restored in time; ``matrix``, when known, is the
-    frame's alignment, what carrying the last correction forward needs.
+    ``late``: it will not be restored (``planned``: by the plan, else because
+    it could not be in time); ``matrix``, when known, is the frame's alignment,
+    what carrying the last correction forward needs.
     """
 
     outcome: Outcome | None
@@ -175,6 +183,7 @@ class _Result:
     crop: np.ndarray | None = None
     late: bool = False
     matrix: np.ndarray | None = None
+    planned: bool = False
 
 
 @dataclass(slots=True)
@@ -245,6 +254,7 @@ class LiveStream:
         realtime: bool = True,
         on_closed: Callable[["LiveStream"], None] | None = None,
         paste_executor: Executor | None = None,
+        planner: CadencePlanner | None = None,
     ) -> None:
         if policy not in OVERLOAD_POLICIES:
             raise EngineError(f"overload policy must be one of {', '.join(OVERLOAD_POLICIES)}, not {policy!r}")
@@ -268,6 +278,8 @@ class LiveStream:
         self._paste_executor = paste_executor or executor
         self._metrics = metrics
         self._on_closed = on_closed
+        # Which frames a real-time stream restores; None: every frame it can in time.
+        self._planner = planner
         # _order holds every frame not yet emitted and bounds the stream; _work the
         # ones the face task has not reached yet (always a subset of _order).
         self._order: asyncio.Queue[_Record | _End] = asyncio.Queue(settings.inbox_size + settings.max_in_flight)
@@ -348,6 +360,9 @@ class LiveStream:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        close_restorer = getattr(self.restorer, "close", None)
+        if close_restorer is not None:
+            close_restorer()  # its identity checks still queued in the child process are not needed
         # A cancelled task keeps its CancelledError, whose traceback holds this stream:
         # forgetting the tasks breaks that cycle, so a closed stream is freed at once.
         self._tasks = []
@@ -390,6 +405,8 @@ class LiveStream:
             arrival = frame.arrival if frame.arrival is not None else time.monotonic()
         self.stats.received += 1
         self._metrics.frames_received.labels(self.id).inc()
+        if self._planner is not None and self.realtime:
+            self._planner.arrived(self.id, arrival, frame.width * frame.height)
         if frame.is_keyframe:
             self.stats.keyframes += 1
             self._metrics.keyframes.labels(self.id).inc()
@@ -460,6 +477,7 @@ class LiveStream:
             needs_keyframe=self._needs_keyframe,
             last_error=self.last_error,
             stage_ms=self.stage_ms(),
+            plan=None if self._planner is None or not self.realtime else self._planner.stream_info(self.id),
         )
 
     def queue_depths(self) -> dict[str, int]:
@@ -499,9 +517,24 @@ class LiveStream:
         if record.result.done():
             await self._observe_keyframe(frame)  # sent already: only an I-frame still matters, for the store
             return
-        if self.realtime and self._must_shed(record):
-            await self._settle_late(record)
-            return
+        planned = False
+        useful_until = record.deadline
+        if self.realtime:
+            turn = self._turn()
+            if turn is None:
+                await self._settle_late(record, planned=True)
+                return
+            planned = turn == "planned"
+            assert record.deadline is not None
+            if not planned:
+                # With nothing fit to carry, a crop that misses its own frame still refreshes the
+                # correction the next frames carry: worth computing for one more latency budget.
+                useful_until = record.deadline + self.settings.max_latency
+            if not self._can_start(useful_until):
+                if planned and self._planner is not None:
+                    self._planner.give_back(self.id)
+                await self._settle_late(record)
+                return
         try:
             job = await self._in_thread("prepare", self._prepare_face, frame)
         except Exception as exc:
@@ -515,12 +548,16 @@ class LiveStream:
         record.job = job
         if record.result.done():
             return  # given up on while its face was prepared (an I-frame is stored already)
-        if record.deadline is not None and self._expected_done(time.monotonic()) > record.deadline:
+        if useful_until is not None and self._expected_done(time.monotonic()) > useful_until:
+            if planned and self._planner is not None:
+                self._planner.give_back(self.id)
             _settle(record, _Result(None, late=True, matrix=job.matrix))
             return
-        await self._in_flight.acquire()  # never waits in real time: _must_shed saw a free slot
+        if self.realtime and not planned and self._planner is not None:
+            self._planner.spend(self.id)
+        await self._in_flight.acquire()  # never waits in real time: _can_start saw a free slot
         try:
-            future = await self._worker.submit(job, self.id, record.deadline)
+            future = await self._worker.submit(job, self.id, useful_until)
         except EngineError as exc:
             self._in_flight.release()
             self._count_error("inference", exc)
@@ -530,14 +567,30 @@ class LiveStream:
         submitted = time.monotonic()
         future.add_done_callback(lambda done: self._inference_done(record, job, submitted, done))
 
-    async def _settle_late(self, record: _Record) -> None:
+    def _turn(self) -> Literal["planned", "unplanned"] | None:
+        """Whether to try restoring this frame: its planned turn, or (unplanned) because there is no
+        correction to carry yet (the first frames, a new person), so restoring it is the only way to
+        restore anything; None: the plan carries the last correction onto it."""
+        if self._planner is None or not self._can_carry:
+            return "unplanned"
+        return "planned" if self._planner.take_turn(self.id) else None
+
+    def _can_start(self, useful_until: float) -> bool:
+        """True when a restoration started now would probably be done while still useful, judged before
+        spending CPU on it. No work starts that is expected to be thrown away."""
+        if self._in_flight.locked() or self._work.qsize() >= max(1, self.settings.inbox_size - 1):
+            return False
+        now = time.monotonic()
+        return self._expected_done(now + self._typical["prepare"].predict(now)) <= useful_until
+
+    async def _settle_late(self, record: _Record, planned: bool = False) -> None:
         """A frame that will not be restored: follow its face, to carry the last correction onto it, if
         that can still be done in time; otherwise the correction goes where the face last was, and
         only an I-frame still needs the face stage, for the keyframe store."""
         frame = record.frame
         if self._followed_recently(frame) or not self._carry_in_time(record):
             await self._observe_keyframe(frame)
-            _settle(record, _Result(None, late=True))
+            _settle(record, _Result(None, late=True, planned=planned))
             return
         try:
             matrix = await self._in_thread("locate", self._locate_face, frame)
@@ -545,7 +598,10 @@ class LiveStream:
             self._count_error("locate", exc)
             _settle(record, _Result(Outcome.ERROR))
             return
-        _settle(record, _Result(Outcome.NO_FACE) if matrix is None else _Result(None, late=True, matrix=matrix))
+        _settle(
+            record,
+            _Result(Outcome.NO_FACE) if matrix is None else _Result(None, late=True, matrix=matrix, planned=planned),
+        )
 
     def _followed_recently(self, frame: DecodedFrame) -> bool:
         """True when a frame at most ``unfollowed_carry_frames`` before this one had its face followed:
@@ -568,7 +624,9 @@ class LiveStream:
     def _inference_done(self, record: _Record, job: FaceJob, submitted: float, future: asyncio.Future) -> None:
         self._in_flight.release()
         if future.cancelled():
-            # the worker saw it could not finish in time, or the emit task gave up
+            # the worker saw it could not finish in time, or the stream closed
+            if self._planner is not None:
+                self._planner.finished(self.id, on_time=False)
             _settle(record, _Result(None, late=True, matrix=job.matrix))
             return
         exc = future.exception()
@@ -579,19 +637,23 @@ class LiveStream:
         seconds = time.monotonic() - submitted
         self._metrics.stage_seconds.labels(self.id, "inference").observe(seconds)
         self._gauges.add_stage("inference", seconds)
+        if record.result.done():  # its frame left without it: the crop still refreshes the correction
+            if self._planner is not None:
+                self._planner.finished(self.id, on_time=False)
+            self._remember_late(record.frame, job, future.result())
+            return
         _settle(record, _Result(Outcome.RESTORED, job, future.result()))
 
-    def _must_shed(self, record: _Record) -> bool:
-        """True when this frame cannot be restored before its deadline, judged before spending CPU on it."""
-        now = time.monotonic()
-        if (
-            now - record.arrival >= self.settings.shed_threshold
-            or self._in_flight.locked()
-            or self._work.qsize() >= max(1, self.settings.inbox_size - 1)
-        ):
-            return True
-        assert record.deadline is not None
-        return self._expected_done(now + self._typical["prepare"].predict(now)) > record.deadline
+    def _remember_late(self, frame: DecodedFrame, job: FaceJob, crop: np.ndarray) -> None:
+        if self.restorer is None or not self._accepting:
+            return
+        done = self._paste_executor.submit(self._timed, "remember", self._remember, (frame, job, crop))
+        done.add_done_callback(self._remembered)
+
+    def _remembered(self, done: "Future[Any]") -> None:
+        exc = done.exception()
+        if exc is not None:
+            log.warning("stream %s: keeping a late crop as the correction failed: %r", self.id, exc)
 
     def _expected_done(self, job_ready: float) -> float:
         """When a frame whose face job is ready at ``job_ready`` would probably be restored."""
@@ -637,7 +699,10 @@ class LiveStream:
             timeout = max(0.0, record.deadline - reserve - now)
         done, _ = await asyncio.wait({record.result}, timeout=timeout)
         if not done:
-            self._abandon(record)
+            if record.job is not None and record.inference is None and self._planner is not None:
+                self._planner.finished(self.id, on_time=False)  # prepared, never reached the generator
+            # its crop, if being computed, will still refresh the correction (_inference_done)
+            record.result.cancel()
             result = _Result(None, late=True, matrix=None if record.job is None else record.job.matrix)
         else:
             result = record.result.result()
@@ -656,8 +721,9 @@ class LiveStream:
 
     async def _emit_late(self, record: _Record, result: _Result) -> StreamOutput | None:
         frame = record.frame
-        self.stats.deadline_misses += 1
-        self._metrics.deadline_misses.labels(self.id).inc()
+        if not result.planned:
+            self.stats.deadline_misses += 1
+            self._metrics.deadline_misses.labels(self.id).inc()
         if self.policy == "drop":
             self.stats.dropped += 1
             self._metrics.frames.labels(self.id, "dropped").inc()
@@ -728,6 +794,9 @@ class LiveStream:
         self._gauges.emitted_at.append(now)
         self._trim_fps(now)
         self._metrics.fps.labels(self.id).set(len(self._gauges.emitted_at) / FPS_WINDOW)
+        if self._planner is not None:
+            self._metrics.restored_share.labels(self.id).set(self._planner.share(self.id))
+            self._metrics.plan_rate.set(self._planner.rate)
 
     def _trim_fps(self, now: float) -> None:
         emitted_at = self._gauges.emitted_at
@@ -743,6 +812,7 @@ class LiveStream:
 
     def _timed(self, stage: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         start = time.perf_counter()
+        cpu_start = time.thread_time()
         try:
             return fn(*args)
         finally:
@@ -751,6 +821,8 @@ class LiveStream:
             self._gauges.add_stage(stage, seconds)
             if stage in self._typical:
                 self._typical[stage].observe(seconds)
+            if self._planner is not None:
+                self._planner.observe_stage(self.id, stage, time.thread_time() - cpu_start)
 
     # The face stage (tracker, keyframe store) is single-threaded per stream under
     # _face_lock; complete and carry_forward run on the emit task, one at a time,
@@ -784,6 +856,13 @@ class LiveStream:
                 self.restorer.observe_keyframe(frame)
             finally:
                 self._refresh_restorer_state()
+
+    def _remember(self, frame: DecodedFrame, job: FaceJob, crop: np.ndarray) -> None:
+        assert self.restorer is not None
+        try:
+            self.restorer.remember(frame, job, crop)
+        finally:
+            self._refresh_restorer_state()
 
     def _complete(self, frame: DecodedFrame, job: FaceJob, crop: np.ndarray) -> DecodedFrame:
         assert self.restorer is not None

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from kfgan_daemon.errors import InputError
-from kfgan_daemon.face.detector import DetectorKind, FaceBox, FaceDetector
+from kfgan_daemon.face.detector import DetectorKind, DetectorProcess, FaceBox, FaceDetector
 from kfgan_daemon.face.landmarks import PREDICTOR_BOX, LandmarkPredictor, ShapeFrame, shape_residual
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class FaceTracker:
     - max_shape_residual: landmark shape change (similarity-normalised RMS, see
       `shape_residual`) from the last detection beyond which the face counts as lost.
     - search_interval: while no face is tracked, detect on every n-th frame only.
+    - full_frame_detector: a child process for whole-frame searches (see `FaceDetector`).
 
     When several faces are found, the one overlapping (else nearest) the tracked face is
     followed; with no tracked face, the largest.
@@ -86,6 +87,7 @@ class FaceTracker:
         max_shape_residual: float = 0.35,
         min_face_scale: float = 8.0,
         search_interval: int = 1,
+        full_frame_detector: DetectorProcess | None = None,
     ):
         if redetect_interval < 1:
             raise InputError(f"redetect_interval must be >= 1, got {redetect_interval}")
@@ -93,7 +95,7 @@ class FaceTracker:
             raise InputError(f"search_interval must be >= 1, got {search_interval}")
         if detect_scale is not None and not 0.0 < detect_scale <= 4.0:
             raise InputError(f"detect_scale must be in (0, 4], got {detect_scale}")
-        self.detector = FaceDetector(detector, detector_path, upsample)
+        self.detector = FaceDetector(detector, detector_path, upsample, full_frame_detector)
         self.predictor = LandmarkPredictor(predictor_path)
         self.redetect_interval = int(redetect_interval)
         self.detect_scale = detect_scale

@@ -5,16 +5,52 @@ emptied when the face has been missing for longer than a set time (whoever comes
 back may be someone else), or when a newly detected face's descriptor is far from
 the store's person (a cut to another speaker that the tracker followed through).
 Descriptors are computed only when the tracker finds a face afresh and when a
-keyframe is about to be stored, so the cost is one dlib network run (~70 ms on a
-CPU core) per I-frame or new track, not per frame.
+keyframe is about to be stored, so the cost is one dlib network run (80-180 ms on
+a CPU core) per I-frame or new track, not per frame.
+
+The check is asynchronous: :meth:`IdentityWatch.check` asks for a descriptor and
+:meth:`IdentityWatch.settle` applies the answers that are ready, in the order they
+were asked. A live stream asks a child process (``face.identity.DescriberProcess``)
+and never waits; meanwhile an I-frame's crop waits with its check and enters the
+store only once its face is known to be the store's person, and a face found
+afresh restores nothing until its check is answered. A file asks
+``FaceDescriber``, whose answers are ready at once: the same decisions, at the
+same frames, every run.
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from kfgan_daemon.face.identity import FaceDescriber, descriptor_distance
+from kfgan_daemon.face.identity import descriptor_distance
+
+K = TypeVar("K")
+
+
+class DescriptorSource(Protocol):
+    """Computes face descriptors: ``FaceDescriber`` (at once) or ``DescriberProcess`` (in a child)."""
+
+    def describe_async(self, crop_rgb: np.ndarray, crop_landmarks: np.ndarray) -> Future[np.ndarray]: ...
+
+
+@dataclass(slots=True)
+class Verdict(Generic[K]):
+    """An answered check: ``changed`` says the face was not the store's person (who it now is);
+    ``keyframe`` is what was held back with the check, now fit to store."""
+
+    changed: bool
+    keyframe: K | None
+
+
+@dataclass(slots=True)
+class _Check(Generic[K]):
+    future: Future[np.ndarray]
+    keyframe: K | None
+    new_track: bool
 
 
 @dataclass(slots=True)
@@ -22,15 +58,16 @@ class IdentityStats:
     descriptors: int = 0
     changes: int = 0
     timeouts: int = 0
+    failed: int = 0
 
 
-class IdentityWatch:
+class IdentityWatch(Generic[K]):
     """Keeps the store's person (a running mean of matching descriptors) and says when it changed.
 
     ``describer`` None skips the descriptor check (only the lost-face timeout applies).
     """
 
-    def __init__(self, describer: FaceDescriber | None, lost_seconds: float, max_distance: float) -> None:
+    def __init__(self, describer: DescriptorSource | None, lost_seconds: float, max_distance: float) -> None:
         self.describer = describer
         self.lost_seconds = float(lost_seconds)
         self.max_distance = float(max_distance)
@@ -39,6 +76,7 @@ class IdentityWatch:
         self._matches = 0
         self._lost_since: float | None = None
         self._expired = False
+        self._pending: deque[_Check[K]] = deque()
 
     def forget(self) -> None:
         """No person yet: the next described face becomes the store's person."""
@@ -67,11 +105,48 @@ class IdentityWatch:
         self.forget()
         return True
 
-    def changed(self, crop_rgb: np.ndarray, crop_landmarks: np.ndarray) -> bool:
-        """Describe the face; True when it is not the store's person (who it then becomes)."""
+    @property
+    def verifying_new_face(self) -> bool:
+        """True from the check of a face found afresh until its answer is applied: it may be someone else."""
+        return any(check.new_track for check in self._pending)
+
+    def check(
+        self, crop_rgb: np.ndarray, crop_landmarks: np.ndarray, *, keyframe: K | None = None, new_track: bool = False
+    ) -> None:
+        """Ask who this face is; ``keyframe`` (an I-frame's crop) is held until the answer. Without a
+        describer the keyframe is released at the next :meth:`settle` unchecked."""
         if self.describer is None:
-            return False
-        descriptor = self.describer.describe(crop_rgb, crop_landmarks)
+            future: Future[np.ndarray] = Future()
+            future.set_result(np.zeros(0))
+        else:
+            future = self.describer.describe_async(crop_rgb, crop_landmarks)
+        self._pending.append(_Check(future, keyframe, new_track))
+
+    def settle(self) -> list[Verdict[K]]:
+        """The answered checks, oldest first, applied to the store's person. A check that failed
+        (the child process died) releases nothing and changes nothing: its keyframe is not stored."""
+        verdicts: list[Verdict[K]] = []
+        while self._pending and self._pending[0].future.done():
+            check = self._pending.popleft()
+            if self.describer is None:
+                verdicts.append(Verdict(False, check.keyframe))
+                continue
+            try:
+                descriptor = check.future.result()
+            except Exception:
+                self.stats.failed += 1
+                continue
+            verdicts.append(Verdict(self._judge(descriptor), check.keyframe))
+        return verdicts
+
+    def cancel(self) -> None:
+        """Forget the checks not yet answered (the stream is closing)."""
+        for check in self._pending:
+            check.future.cancel()
+        self._pending.clear()
+
+    def _judge(self, descriptor: np.ndarray) -> bool:
+        """True when ``descriptor`` is not the store's person (who it then becomes)."""
         self.stats.descriptors += 1
         if self._identity is None:
             self._identity, self._matches = descriptor, 1

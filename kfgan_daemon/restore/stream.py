@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -23,13 +23,14 @@ from kfgan_daemon.face import (
     mls_warp,
     paste_face,
 )
+from kfgan_daemon.face.detector import DetectorProcess
 from kfgan_daemon.face.identity import FaceDescriber
 from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.face.paste import PasteMode, native_detail_delta, paste_box
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore.generator import CropGenerator
-from kfgan_daemon.restore.identity import IdentityWatch
+from kfgan_daemon.restore.identity import DescriptorSource, IdentityWatch
 from kfgan_daemon.restore.job import FaceJob
 from kfgan_daemon.restore.repeats import EmittedFrame, settle_repeated_pixels
 from kfgan_daemon.restore.settings import RestoreSettings
@@ -48,6 +49,14 @@ class _Correction:
     compressed: np.ndarray
     store_epoch: int
     time: float  # stream seconds
+
+
+class _Keyframe(NamedTuple):
+    """An I-frame's crop waiting for its identity check, in ``KeyframeStore.offer``'s argument order."""
+
+    index: int
+    landmarks: np.ndarray
+    crop: np.ndarray
 
 
 @dataclass
@@ -73,7 +82,11 @@ class StreamRestorer:
         tracker: FaceTracker | None = None,
         store: KeyframeStore | None = None,
         native_detail: NativeDetailFilter | None = None,
+        describer: DescriptorSource | None = None,
+        full_frame_detector: DetectorProcess | None = None,
     ) -> None:
+        """``describer`` and ``full_frame_detector`` (child processes, the live engine's) keep dlib's
+        long runs off this process's GIL; without them they run in the calling thread."""
         self.settings = settings or RestoreSettings()
         # The generator's filter for a close-up's own detail band (see face.native_detail).
         self.native_detail = native_detail
@@ -82,12 +95,19 @@ class StreamRestorer:
             redetect_interval=self.settings.redetect_interval,
             predictor_path=self.settings.predictor_path,
             detector_path=self.settings.detector_path,
+            full_frame_detector=full_frame_detector,
         )
         self.store = store or KeyframeStore(self.settings.keyframe_store_size, policy=self.settings.keyframe_policy)
         self.stats = RestoreStats()
         self.smoother = landmark_smoother(self.settings)
-        describer = FaceDescriber(self.settings.descriptor_path) if self.settings.identity_check else None
-        self.identity = IdentityWatch(describer, self.settings.identity_lost_seconds, self.settings.identity_distance)
+        # The live engine passes a DescriberProcess (descriptors off the frame path); files describe at once.
+        if not self.settings.identity_check:
+            describer = None
+        elif describer is None:
+            describer = FaceDescriber(self.settings.descriptor_path)
+        self.identity: IdentityWatch[_Keyframe] = IdentityWatch(
+            describer, self.settings.identity_lost_seconds, self.settings.identity_distance
+        )
         # Bumped every time the store is emptied for a new person; jobs carry it.
         self.store_epoch = 0
         self._last_crop_landmarks: np.ndarray | None = None
@@ -115,7 +135,8 @@ class StreamRestorer:
     def prepare(self, frame: DecodedFrame) -> FaceJob | None:
         """Find and align the face, store it if the frame is a keyframe, and build the generator's inputs.
 
-        Returns None when the frame must pass through untouched (no face, or no keyframe yet).
+        Returns None when the frame must pass through untouched (no face, or no keyframe yet); it is
+        then what goes out for this frame.
         """
         timer = self.stats.timer
         aligned = self._follow(frame)
@@ -123,13 +144,15 @@ class StreamRestorer:
             self.stats.no_face += 1
             self.stats.passed_through += 1
             self.skip_reason = "no_face"
+            self._sent(frame, frame)
             return None
         with timer.stage("select"):
-            entry = self.store.select(aligned.crop_landmarks)
+            entry = None if self.identity.verifying_new_face else self.store.select(aligned.crop_landmarks)
         if entry is None:
             self.stats.no_keyframe += 1
             self.stats.passed_through += 1
             self.skip_reason = "no_keyframe"
+            self._sent(frame, frame)
             return None
         self.skip_reason = None
         with timer.stage("warp"):
@@ -151,15 +174,17 @@ class StreamRestorer:
         if not frame.is_keyframe:
             return
         self.stats.keyframes_seen += 1
-        aligned = self._locate(frame)
-        if aligned is not None:
-            self._offer(frame, aligned)
+        self._locate(frame)
 
     def locate(self, frame: DecodedFrame) -> np.ndarray | None:
         """The cheap path of a frame that will not be restored: follow the face (an I-frame is
-        offered to the store) and return its frame -> crop matrix, or None without a face."""
+        offered to the store) and return its frame -> crop matrix, or None without a face (the
+        frame then goes out untouched)."""
         aligned = self._follow(frame)
-        return None if aligned is None else aligned.matrix
+        if aligned is None:
+            self._sent(frame, frame)
+            return None
+        return aligned.matrix
 
     def _follow(self, frame: DecodedFrame) -> AlignedFace | None:
         """Count the frame, locate the face, remember where it is, and offer an I-frame's crop to the store."""
@@ -169,13 +194,13 @@ class StreamRestorer:
         aligned = self._locate(frame)
         self._last_crop_landmarks = None if aligned is None else aligned.crop_landmarks
         self._last_matrix = None if aligned is None else aligned.matrix
-        if aligned is not None and frame.is_keyframe:
-            self._offer(frame, aligned)
         return aligned
 
     def _locate(self, frame: DecodedFrame) -> AlignedFace | None:
-        """Track, steady and align the face; empty the store when the person changed."""
+        """Track, steady and align the face; empty the store when the person changed; ask who an
+        I-frame's face or a face found afresh is, the I-frame's crop entering the store once known."""
         timer = self.stats.timer
+        self._settle_identity()
         with timer.stage("track"):
             landmarks = self.tracker.update(frame.luma)
         timestamp = stream_time(frame)
@@ -189,13 +214,28 @@ class StreamRestorer:
             self._clear_store()
         with timer.stage("align"):
             aligned = align_frame(frame, landmarks, mode=self.settings.alignment)
-        # A descriptor costs ~70 ms on a CPU core, so it is computed only where the person can
+        # A descriptor costs 80-180 ms on a CPU core, so it is computed only where the person can
         # have changed unnoticed: a face found afresh, and an I-frame about to enter the store.
-        if self.tracker.source == "detected" or frame.is_keyframe:
+        new_track = self.tracker.source == "detected"
+        if new_track or frame.is_keyframe:
+            keyframe = _Keyframe(frame.index, aligned.crop_landmarks, aligned.crop) if frame.is_keyframe else None
             with timer.stage("identity"):
-                if self.identity.changed(aligned.crop, aligned.crop_landmarks):
-                    self._clear_store()
+                self.identity.check(aligned.crop, aligned.crop_landmarks, keyframe=keyframe, new_track=new_track)
+                self._settle_identity()
         return aligned
+
+    def _settle_identity(self) -> None:
+        """Apply the identity answers that are ready: a new person empties the store; a checked
+        I-frame's crop is offered to it."""
+        for verdict in self.identity.settle():
+            if verdict.changed:
+                self._clear_store()
+            if verdict.keyframe is not None and self.store.offer(*verdict.keyframe):
+                self.stats.keyframes_stored += 1
+
+    def close(self) -> None:
+        """Forget the identity checks still being computed (the stream ended)."""
+        self.identity.cancel()
 
     def _clear_store(self) -> None:
         if len(self.store):
@@ -203,10 +243,6 @@ class StreamRestorer:
             self.stats.store_clears += 1
             log.info("keyframe store emptied: the face changed identity (epoch %d)", self.store_epoch + 1)
         self.store_epoch += 1
-
-    def _offer(self, frame: DecodedFrame, aligned: AlignedFace) -> None:
-        if self.store.offer(frame.index, aligned.crop_landmarks, aligned.crop):
-            self.stats.keyframes_stored += 1
 
     def complete(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> DecodedFrame:
         """Paste the restored crop back into a copy of the frame (only the pixels under the mask change)."""
@@ -221,11 +257,27 @@ class StreamRestorer:
         self._correction = _Correction(restored_crop, job.compressed, job.store_epoch, stream_time(frame))
         return restored
 
+    def remember(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> None:
+        """Keep a crop that was restored too late to be pasted into its own frame as the correction
+        to carry onto the next frames (unless a newer one is kept already)."""
+        correction = self._correction
+        time = stream_time(frame)
+        if correction is None or correction.store_epoch != job.store_epoch or correction.time < time:
+            self._correction = _Correction(restored_crop, job.compressed, job.store_epoch, time)
+
     @property
     def can_carry_forward(self) -> bool:
-        """True when a restored frame's correction is there to carry (its age is judged per frame)."""
+        """True when a restored frame's correction is there to carry and will be for a while yet: it is
+        of this person, and the last frame that left was at most half of ``carry_forward_seconds`` after
+        it. Past that the live engine restores the next frame it can instead of planning a carry, so that
+        a stream restored sparsely never runs out of correction and alternates with unrestored frames."""
         correction = self._correction
-        return correction is not None and correction.store_epoch == self.store_epoch
+        if correction is None or correction.store_epoch != self.store_epoch or self.identity.verifying_new_face:
+            return False
+        emitted = self._emitted
+        if emitted is None:
+            return True
+        return stream_time(emitted.input) - correction.time <= self.settings.carry_forward_seconds / 2
 
     def carry_forward(self, frame: DecodedFrame, matrix: np.ndarray | None = None) -> DecodedFrame | None:
         """A copy of ``frame`` with the last restored frame's correction pasted at this frame's face
@@ -240,7 +292,12 @@ class StreamRestorer:
         correction = self._correction
         if matrix is None:
             matrix = self._last_matrix
-        if correction is None or matrix is None or correction.store_epoch != self.store_epoch:
+        if (
+            correction is None
+            or matrix is None
+            or correction.store_epoch != self.store_epoch
+            or self.identity.verifying_new_face
+        ):
             return None
         if abs(stream_time(frame) - correction.time) > self.settings.carry_forward_seconds:
             return None
@@ -268,15 +325,18 @@ class StreamRestorer:
         return self._sent(frame, frame)
 
     def _sent(self, frame: DecodedFrame, output: DecodedFrame) -> DecodedFrame:
-        """Remember what went out for ``frame``: the next frame's repeated pixels settle against it."""
-        self._emitted = EmittedFrame(frame, output)
+        """Remember what went out for ``frame``: the next frame's repeated pixels settle against it.
+        The live engine pastes on several threads, so an earlier frame may report after a later one."""
+        emitted = self._emitted
+        if emitted is None or frame.index > emitted.input.index:
+            self._emitted = EmittedFrame(frame, output)
         return output
 
     def restore(self, frame: DecodedFrame, generator: CropGenerator) -> DecodedFrame:
         """Restore one frame synchronously (the file path, tests and benchmarks)."""
         job = self.prepare(frame)
         if job is None:
-            return self._sent(frame, frame)
+            return frame
         with self.stats.timer.stage("generator"):
             (crop,) = generator([job])
         return self.complete(frame, job, crop)

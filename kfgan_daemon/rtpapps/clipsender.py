@@ -2,20 +2,31 @@
 
 The clip is encoded once up front (libx264, zero latency, no B-frames, a fixed
 GOP) so that playing it costs the sending side almost nothing: what the bench
-measures is the pipe, not the fake camera.
+measures is the pipe, not the fake camera. :class:`RtpClipSender` plays on the
+caller's event loop (tests drive it there, with loss and corruption);
+:class:`RtpClipSenderProcess` plays the same sender from a process of its own
+(this module run as ``python -m``), as the live bench does, so that a stalled
+loop in the bench cannot delay the camera and hide its own stall.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import av
 
-from kfgan_daemon.errors import InputError
+from kfgan_daemon.errors import InputError, KfganError
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.bitstream import NalType, h264_access_unit_is_intra, nal_type, split_annexb
 from kfgan_daemon.media.rtp.h264 import H264Packetizer
@@ -23,6 +34,12 @@ from kfgan_daemon.media.rtp.sdp import H264SessionDescription
 from kfgan_daemon.media.x264 import H264Settings
 
 RTP_CLOCK = 90000
+# How long a camera process is given to end after being told to stop, before it is killed.
+STOP_TIMEOUT = 5.0
+
+
+class CameraProcessError(KfganError, RuntimeError):
+    """A camera process ended without reporting what it sent (it crashed or was killed)."""
 
 
 @dataclass(slots=True)
@@ -91,10 +108,14 @@ def encode_clip(
 class PlayReport:
     """What a play sent: per picture, the RTP timestamp, when it was due and when its last packet left.
 
-    ``scheduled_at`` is the camera's clock (start + n / rate): a stalled event
-    loop sends late, and latency measured from ``sent_at`` would hide the stall.
+    ``scheduled_at`` is the camera's clock (``started_at + n / rate``): a camera
+    that sends late would hide the delay from latency measured from ``sent_at``.
+    All times are ``time.monotonic()``: CLOCK_MONOTONIC is system-wide on Linux,
+    so a report from a camera process compares with the receiver's clock.
     """
 
+    started_at: float  # time.monotonic(): the camera clock's origin, when picture 0 was due
+    pid: int = field(default_factory=os.getpid)  # the process that sent
     timestamps: list[int] = field(default_factory=list)
     scheduled_at: list[float] = field(default_factory=list)  # time.monotonic()
     sent_at: list[float] = field(default_factory=list)  # time.monotonic()
@@ -158,11 +179,13 @@ class RtpClipSender:
         first_timestamp: int = 0,
         packet_filter: PacketFilter | None = None,
         stop: asyncio.Event | None = None,
+        start_at: float | None = None,
     ) -> PlayReport:
         """Send ``frames`` pictures (or ``seconds`` worth; default: the clip once) at real-time pace.
 
         ``start_frame`` starts inside the clip (e.g. between keyframes); ``packet_filter``
         can drop (return None) or alter any datagram, to simulate loss and corruption.
+        ``start_at`` (``time.monotonic()``; default now) is when picture 0 is due.
         """
         assert self._transport is not None, "use 'async with RtpClipSender(...)'"
         rate = self.clip.frame_rate
@@ -170,8 +193,8 @@ class RtpClipSender:
             round(seconds * rate) if seconds is not None else len(self.clip.access_units) - start_frame
         )
         ticks = RTP_CLOCK / rate
-        report = PlayReport()
-        start = time.monotonic()
+        start = time.monotonic() if start_at is None else start_at
+        report = PlayReport(started_at=start)
         for n in range(total):
             if stop is not None and stop.is_set():
                 break
@@ -195,3 +218,151 @@ class RtpClipSender:
             report.sent_at.append(time.monotonic())
             report.keyframes.append(h264_access_unit_is_intra(unit))
         return report
+
+
+class RtpClipSenderProcess:
+    """An :class:`RtpClipSender` playing from a process of its own (``python -m`` this module).
+
+    ``async with`` starts the process and waits until it is up; :meth:`play`
+    tells it when to start and returns its :class:`PlayReport`; leaving the block
+    (normally, on an error or on cancellation) stops and reaps it. Nothing on the
+    caller's event loop can delay the sending: only the report's arrival waits
+    for the loop. The process stops by itself when its input closes, so it cannot
+    outlive a caller that was killed.
+    """
+
+    def __init__(self, clip: EncodedClip, host: str, port: int, *, payload_type: int = 96, mtu: int = 1200) -> None:
+        self._sender = RtpClipSender(clip, host, port, payload_type=payload_type, mtu=mtu)
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def session_description(self) -> H264SessionDescription:
+        """The SDP a receiver of this camera opens (``to_sdp()`` gives the text)."""
+        return self._sender.session_description()
+
+    async def __aenter__(self) -> "RtpClipSenderProcess":
+        # A subprocess rather than a multiprocessing spawn: spawn re-runs the caller's main
+        # module in the child, which breaks any script without a __main__ guard.
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", _CAMERA_MODULE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            await self._send(self._sender)
+            await self._receive()  # its pid: it is up, with the clip
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            assert process.stdin is not None
+            process.stdin.close()  # its input's end is its stop
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    async def play(
+        self,
+        frames: int | None = None,
+        *,
+        seconds: float | None = None,
+        start_at: float | None = None,
+    ) -> PlayReport:
+        """As :meth:`RtpClipSender.play`, from the camera process; ``start_at`` lets several cameras share one start."""
+        await self._send({"frames": frames, "seconds": seconds, "start_at": start_at})
+        return await self._receive()
+
+    async def _send(self, message: object) -> None:
+        assert self._process is not None and self._process.stdin is not None, "use 'async with RtpClipSenderProcess(...)'"
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._process.stdin.write(_HEADER.pack(len(payload)) + payload)
+        try:
+            await self._process.stdin.drain()
+        except ConnectionError as exc:
+            raise CameraProcessError(f"the camera process ended early (exit code {await self._process.wait()})") from exc
+
+    async def _receive(self) -> Any:
+        assert self._process is not None and self._process.stdout is not None
+        try:
+            (size,) = _HEADER.unpack(await self._process.stdout.readexactly(_HEADER.size))
+            return pickle.loads(await self._process.stdout.readexactly(size))
+        except asyncio.IncompleteReadError as exc:
+            raise CameraProcessError(
+                f"the camera process ended without reporting (exit code {await self._process.wait()})"
+            ) from exc
+
+
+# The camera process's messages, both ways: a 4-byte big-endian length, then a pickle (between
+# this module and itself only). In: the sender, then the play's options; out: the pid, then the report.
+_HEADER = struct.Struct("!I")
+_CAMERA_MODULE = "kfgan_daemon.rtpapps.clipsender"
+
+
+def _read_message(fd: int) -> Any:
+    """The next message on ``fd``; EOFError when the parent closed it."""
+
+    def exactly(size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = os.read(fd, size - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return bytes(data)
+
+    (size,) = _HEADER.unpack(exactly(_HEADER.size))
+    return pickle.loads(exactly(size))
+
+
+def _write_message(stream: BinaryIO, message: object) -> None:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def _camera_main() -> None:
+    """The camera process: take the sender, report the pid, wait for the start, play once, report."""
+    # Ctrl-C reaches the whole process group; the parent answers it by stopping this process,
+    # and a second traceback from here would only hide the parent's.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The messages get stdout's pipe to themselves; anything a library prints goes to stderr.
+    messages = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    stdin = sys.stdin.fileno()
+    with messages:
+        try:
+            sender = _read_message(stdin)
+            _write_message(messages, os.getpid())
+            options = _read_message(stdin)
+        except EOFError:
+            return
+        report = asyncio.run(_play(sender, stdin, options))
+        if report is not None:
+            _write_message(messages, report)
+
+
+async def _play(sender: RtpClipSender, stdin: int, options: dict[str, Any]) -> PlayReport | None:
+    """Play as asked; the parent closing our input (its stop, or its end) stops the play: None."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_reader(stdin, stop.set)
+    async with sender:
+        report = await sender.play(stop=stop, **options)
+    return None if stop.is_set() else report
+
+
+if __name__ == "__main__":
+    # Run as ``python -m``, this file is __main__, a second copy of the module: the pickled
+    # sender names the real one, so the real one plays it.
+    from kfgan_daemon.rtpapps.clipsender import _camera_main as camera_main
+
+    camera_main()

@@ -2,14 +2,20 @@
 
 What is measured, per frame: from the moment the camera was due to send it
 (start + n / rate, the camera's own clock) to the moment the pipe's encoder and
-socket had sent its output picture: the latency the daemon adds on a call. The
-schedule, not the moment the sender got round to it, because sender and pipe
-share one event loop here: a loop stalled by the pipe would send late and hide
-its own stall. And the frame rate the pipe's output sustains, counted by a
-separate socket that receives it. The clip is encoded once before the run so
-that the fake camera costs almost nothing; the first ``warmup`` seconds (model
-and detector start-up) are sent but not counted. The machine's load average is
-recorded with the result: on a shared machine the numbers mean little without it.
+socket had sent its output picture: the latency the daemon adds on a call. Each
+fake camera sends from a process of its own
+(:class:`~kfgan_daemon.rtpapps.clipsender.RtpClipSenderProcess`), so that an
+event loop stalled by the pipe cannot delay the camera and hide its own stall;
+the camera reports its start and each frame's send time (``time.monotonic()``,
+system-wide on Linux), and latency still counts from the schedule, so that a
+camera delayed by the machine shows as its own leg rather than vanishing. And
+the frame rate the pipe's output sustains, counted by a separate socket that
+receives it. The clip is encoded once before the run so that the cameras cost
+almost nothing; the first ``warmup`` seconds (model and detector start-up) are
+sent but not counted. Recorded with the result, since on a shared machine the
+numbers mean little without them: the load average, the cores this process kept
+busy (the cameras' processes not included), and the generator's milliseconds per
+crop on one torch thread, measured before the run, which compares machines.
 """
 from __future__ import annotations
 
@@ -29,11 +35,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from kfgan_daemon.bench import describe_machine_speed, measure_generator_ms_one_thread
 from kfgan_daemon.engine.engine import StreamEngine
 from kfgan_daemon.engine.heap import CollectorControl
 from kfgan_daemon.engine.settings import EngineSettings, OverloadPolicy
 from kfgan_daemon.engine.stream import Outcome
-from kfgan_daemon.rtpapps.clipsender import RtpClipSender, encode_clip
+from kfgan_daemon.rtpapps.clipsender import RtpClipSenderProcess, encode_clip
 from kfgan_daemon.rtpapps.pipe import PIPE_MAX_LATENCY, EncoderOptions, PipeSummary, SentFrame, run_pipe
 
 if TYPE_CHECKING:
@@ -41,6 +48,9 @@ if TYPE_CHECKING:
     from kfgan_daemon.restore import RestoreSettings
 
 log = logging.getLogger(__name__)
+
+# The cameras' common start is this far ahead of telling them, so that each has heard before it is due.
+CAMERA_START_MARGIN = 0.2
 
 
 @dataclass(slots=True)
@@ -67,6 +77,7 @@ class LiveBenchResult:
     policy: str
     generator: str
     cpu_ms_per_frame: float | None = None  # this process's CPU time per frame sent, all threads
+    cores_used: float | None = None  # this process's CPU time over the measured period's wall time
     # CPU ms per frame by thread role (engine face threads, inference, decode, output, event loop):
     # how the work spreads over the cores
     thread_cpu_ms: dict[str, float] = field(default_factory=dict)
@@ -74,20 +85,20 @@ class LiveBenchResult:
     load_average: tuple[float, float, float] | None = None  # os.getloadavg() when the measurement ended
     streams: int = 1  # cameras sending at once through one engine; counts are over all of them
     # Where the added latency goes, (median, p95) ms of each leg: "camera late" (due -> its last packet
-    # sent: the shared event loop's delay), "network" (sent -> arrived), "engine" (arrived -> output
-    # ready: decode, face stage, generator, paste), "output" (ready -> encoded and sent)
+    # sent: the camera process's own delay, from the machine's scheduler), "network" (sent -> arrived),
+    # "engine" (arrived -> output ready: decode, face stage, generator, paste), "output" (ready ->
+    # encoded and sent)
     latency_legs_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Garbage collections in the measured period by generation, (count, ms in all): each holds the GIL,
     # a pause of every stream (start-up objects are frozen out of them, as in the daemon)
     collections: dict[int, tuple[int, float]] = field(default_factory=dict)
+    # The machine's speed, to compare figures across machines: generator ms per crop, batch 1, one
+    # torch thread, measured before the run (kfgan_daemon.bench.measure_generator_ms_one_thread)
+    generator_ms_one_thread: float | None = None
+    camera_pids: list[int] = field(default_factory=list)  # the cameras' own processes, one each
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @property
-    def core_share(self) -> float:
-        """CPU cores the process kept busy on average (CPU time per frame over the frame interval)."""
-        return (self.cpu_ms_per_frame or 0.0) * self.target_fps / 1000.0
 
     def percent(self, count: int) -> float:
         """``count`` as a percentage of the frames the camera sent in the measured period."""
@@ -99,22 +110,25 @@ class LiveBenchResult:
 
         stages = ", ".join(f"{name} {value:.1f} ms" for name, value in self.stage_ms.items())
         load = "n/a" if self.load_average is None else " ".join(f"{value:.2f}" for value in self.load_average)
+        cores = "n/a" if self.cores_used is None else f"{self.cores_used:.2f}"
+        machine = "n/a" if self.generator_ms_one_thread is None else describe_machine_speed(self.generator_ms_one_thread)
         return "\n".join(
             [
                 f"live bench: {self.clip} as {self.streams} x {self.width}x{self.height} H.264 RTP at {self.target_fps:g} FPS "
                 f"for {self.seconds:.1f} s ({self.generator}, overload policy {self.policy}; load average {load})",
+                f"  machine: {machine}",
                 f"  added latency per frame, from its scheduled send time: median {ms(self.latency_p50_ms)}, "
                 f"p95 {ms(self.latency_p95_ms)}, max {ms(self.latency_max_ms)}",
                 "  legs (median/p95): "
                 + ", ".join(f"{name} {p50:.1f}/{p95:.1f} ms" for name, (p50, p95) in self.latency_legs_ms.items()),
                 f"  sustained output: {self.sustained_fps:.1f} FPS ({self.frames_received} frames received of "
                 f"{self.frames_sent} sent)",
-                f"  frames: {self.restored} restored ({self.percent(self.restored):.1f}%), {self.carried_forward} "
-                f"carried forward ({self.percent(self.carried_forward):.1f}%), {self.shed} shed unrestored "
-                f"({self.percent(self.shed):.1f}%), {self.no_face} without a face, {self.no_keyframe} before a "
-                f"keyframe, {self.dropped} dropped, {self.errors} errors",
-                f"  CPU: {self.cpu_ms_per_frame:.1f} ms per frame (all threads of the process; "
-                f"{self.core_share:.2f} cores at this frame rate): "
+                f"  frames ({cores} cores used): {self.restored} restored ({self.percent(self.restored):.1f}%), "
+                f"{self.carried_forward} carried forward ({self.percent(self.carried_forward):.1f}%), {self.shed} shed "
+                f"unrestored ({self.percent(self.shed):.1f}%), {self.no_face} without a face, {self.no_keyframe} before "
+                f"a keyframe, {self.dropped} dropped, {self.errors} errors",
+                f"  CPU: {self.cpu_ms_per_frame:.1f} ms per frame (all threads of the process, {cores} cores used; "
+                "the cameras' processes not included): "
                 + ", ".join(f"{name} {value:.1f}" for name, value in self.thread_cpu_ms.items())
                 if self.cpu_ms_per_frame is not None
                 else "  CPU: not measured",
@@ -141,7 +155,7 @@ class _OutputCounter(asyncio.DatagramProtocol):
 class _Lane:
     """One camera, its pipe (a stream of the shared engine) and the socket counting what comes out."""
 
-    sender: RtpClipSender
+    sender: RtpClipSenderProcess
     counter: _OutputCounter
     transport: asyncio.DatagramTransport
     sent: list[SentFrame] = field(default_factory=list)
@@ -191,6 +205,8 @@ async def live_bench(
         ),
     )
     rate = encoded.frame_rate
+    # Before the engine starts: the torch thread count is process-wide, so nothing else may use torch meanwhile.
+    machine_ms = measure_generator_ms_one_thread(generator)
     settings = engine_settings or EngineSettings(max_latency=PIPE_MAX_LATENCY)
     engine = StreamEngine(generator, settings)
     await engine.start()
@@ -204,7 +220,7 @@ async def live_bench(
         for _ in range(streams):
             counter = _OutputCounter()
             transport, _ = await loop.create_datagram_endpoint(lambda c=counter: c, local_addr=("127.0.0.1", 0))
-            lanes.append(_Lane(RtpClipSender(encoded, "127.0.0.1", _free_udp_port()), counter, transport))
+            lanes.append(_Lane(RtpClipSenderProcess(encoded, "127.0.0.1", _free_udp_port()), counter, transport))
         with tempfile.TemporaryDirectory(prefix="kfgan-livebench-") as folder:
             for n, lane in enumerate(lanes, 1):
                 input_sdp = Path(folder) / f"in-{n}.sdp"
@@ -230,13 +246,24 @@ async def live_bench(
                 )
             try:
                 await asyncio.wait_for(asyncio.gather(*(lane.ready.wait() for lane in lanes)), 30)
-                cpu_start = asyncio.create_task(_measurement_start(warmup, gc_control))
-                async with contextlib.AsyncExitStack() as senders:
+                async with contextlib.AsyncExitStack() as cameras:
                     for lane in lanes:
-                        await senders.enter_async_context(lane.sender)
-                    reports = await asyncio.gather(*(lane.sender.play(seconds=total_seconds) for lane in lanes))
-                threads_before, process_before, collections_before = await cpu_start
+                        await cameras.enter_async_context(lane.sender)
+                    start_at = time.monotonic() + CAMERA_START_MARGIN
+                    measurement = asyncio.create_task(_measurement_start(start_at + warmup, gc_control))
+                    plays = [
+                        asyncio.create_task(lane.sender.play(seconds=total_seconds, start_at=start_at))
+                        for lane in lanes
+                    ]
+                    try:
+                        reports = await asyncio.gather(*plays)
+                        threads_before, process_before, collections_before, measured_since = await measurement
+                    finally:
+                        # After an error, before the cameras stop: no task may still wait on a closed pipe.
+                        for task in (measurement, *plays):
+                            task.cancel()
                 threads_after, cpu_seconds = _thread_cpu_seconds(), time.process_time() - process_before
+                measured_wall = time.monotonic() - measured_since
                 collections_after = gc_control.pause_totals()
                 await asyncio.sleep(max(0.5, 2 * settings.max_latency))
             finally:
@@ -253,7 +280,7 @@ async def live_bench(
     frames_sent = frames_out = frames_received = 0
     rates = []
     for lane, report in zip(lanes, reports):
-        measured_from = report.scheduled_at[0] + warmup if report.scheduled_at else 0.0
+        measured_from = report.started_at + warmup
         due = dict(zip(report.timestamps, report.scheduled_at))
         sent_at = dict(zip(report.timestamps, report.sent_at))
         measured = [item for item in lane.sent if due.get(item.output.frame.pts, 0.0) >= measured_from]
@@ -306,6 +333,7 @@ async def live_bench(
         policy=policy,
         generator=type(getattr(generator, "module", generator)).__name__,
         cpu_ms_per_frame=cpu_ms_per_frame,
+        cores_used=cpu_seconds / measured_wall,
         thread_cpu_ms=dict(sorted(thread_cpu_ms.items(), key=lambda item: -item[1])),
         stage_ms=summaries[0].stage_median_ms,
         load_average=os.getloadavg(),
@@ -315,15 +343,18 @@ async def live_bench(
                          1000 * (seconds_in_all - collections_before[generation][1]))
             for generation, (count, seconds_in_all) in collections_after.items()
         },
+        generator_ms_one_thread=machine_ms,
+        camera_pids=[report.pid for report in reports],
     )
 
 
 async def _measurement_start(
-    seconds: float, gc_control: CollectorControl
-) -> tuple[dict[str, float], float, dict[int, tuple[int, float]]]:
-    """CPU times by thread role, the process's CPU time and the collections so far, ``seconds`` from now."""
-    await asyncio.sleep(seconds)
-    return _thread_cpu_seconds(), time.process_time(), gc_control.pause_totals()
+    at: float, gc_control: CollectorControl
+) -> tuple[dict[str, float], float, dict[int, tuple[int, float]], float]:
+    """CPU times by thread role, the process's CPU time, the collections so far and the time, at ``at``
+    (``time.monotonic()``)."""
+    await asyncio.sleep(max(0.0, at - time.monotonic()))
+    return _thread_cpu_seconds(), time.process_time(), gc_control.pause_totals(), time.monotonic()
 
 
 def _thread_cpu_seconds() -> dict[str, float]:
