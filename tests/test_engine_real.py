@@ -133,3 +133,31 @@ async def test_real_restorer_passes_a_faceless_clip_through_in_order(tmp_path: P
     assert all(out.outcome is Outcome.NO_FACE for out in outputs)
     assert all(out.frame.same_pixels(frame) for out, frame in zip(outputs, frames))
     assert stream.stats.keyframes == 4 and restorer.stats.no_face == 20
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+async def test_two_real_streams_both_get_restored_frames_and_a_fair_plan(degraded_face_clip: Path) -> None:
+    """Two live streams of a real face through one engine, at 25 FPS each for the clip's 40 frames:
+    the plan shares the machine between them, and neither is left without restored frames."""
+    frames = read_frames(degraded_face_clip)
+    async with StreamEngine(lite_generator(), EngineSettings(max_latency=0.1)) as engine:
+        await engine.warm_up(RestoreSettings())
+        streams = [engine.open_stream(f"cam{n}", restore_settings=RestoreSettings()) for n in (1, 2)]
+
+        async def produce(stream) -> None:
+            start = time.monotonic()
+            for n, frame in enumerate(frames):
+                await asyncio.sleep(max(0.0, start + n / 25 - time.monotonic()))
+                await stream.submit(frame)
+            await stream.close()
+
+        results = await asyncio.gather(*(collect(s) for s in streams), *(produce(s) for s in streams))
+        plans = [stream.info().plan for stream in streams]
+    for stream, outputs, plan in zip(streams, results[:2], plans):
+        print(f"\n{stream.id}: {stream.stats}, plan {plan}")
+        assert [out.frame.index for out in outputs] == [frame.index for frame in frames]
+        assert stream.stats.restored >= 1, stream.stats
+        assert stream.stats.errors == 0
+        assert plan is not None and 0 < plan.restored_share <= 1
+    assert plans[0].restored_share == pytest.approx(plans[1].restored_share, abs=0.05)  # equal frame rates, equal shares

@@ -144,11 +144,11 @@ def test_answers_from_a_busy_describer_apply_in_order_and_hold_keyframes_until_k
     table = _Table(held=True)
     watch: IdentityWatch[str] = IdentityWatch(table, lost_seconds=2.0, max_distance=SAME_PERSON_DISTANCE)
     marks = np.zeros((68, 2))
-    watch.check(_crop(1), marks, keyframe="first person's I-frame", new_track=True)
-    assert watch.verifying_new_face and watch.settle() == []  # nothing stored before the answer
+    watch.check(_crop(1), marks, keyframe="first person's I-frame", new_face=True)
+    assert watch.checking_new_face and watch.settle() == []  # nothing stored before the answer
     table.release()
     assert [(v.changed, v.keyframe) for v in watch.settle()] == [(False, "first person's I-frame")]
-    assert not watch.verifying_new_face
+    assert not watch.checking_new_face
     watch.check(_crop(9), marks, keyframe="stranger's I-frame")
     watch.check(_crop(9), marks, keyframe="stranger's next I-frame")
     table.release()
@@ -179,7 +179,7 @@ def test_a_live_restorer_stores_no_keyframe_and_restores_nothing_before_the_chil
             frames = [frame for _, frame in zip(range(30), source)]
         first = restorer.prepare(frames[0])  # an I-frame with a face found afresh
         assert first is None and restorer.skip_reason == "no_keyframe"
-        assert len(restorer.store) == 0 and restorer.identity.verifying_new_face
+        assert len(restorer.store) == 0 and restorer.identity.checking_new_face
         started = time.monotonic()
         restored = None
         for frame in frames[1:]:

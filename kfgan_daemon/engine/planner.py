@@ -108,6 +108,27 @@ class StreamPlanInfo:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PlanSummary:
+    """The whole plan at one moment, for reports beside live figures."""
+
+    restorations_per_second: float
+    frames_per_second: float
+    limited_by: Limit
+    trim: float
+    other_programs_cores: float  # what other programs on the machine used, as last measured
+    cores: float  # what this process may use
+    capacity: int
+
+    def describe(self) -> str:
+        share = self.restorations_per_second / self.frames_per_second if self.frames_per_second else 1.0
+        return (
+            f"{self.restorations_per_second:.1f} restorations/s for {self.frames_per_second:.1f} frames/s "
+            f"({100 * share:.0f}%, limited by {self.limited_by}, trim {self.trim:.2f}); other programs used "
+            f"{self.other_programs_cores:.2f} of {self.cores:g} cores; capacity {self.capacity} stream(s) like these"
+        )
+
+
 class StreamPlan:
     """One stream's part of the plan: its frame rate, its share of restored frames, and the credit
     that spaces them evenly."""
@@ -284,6 +305,18 @@ class CadencePlanner:
             share = 1.0 if plan is None else plan.share
             limited_by: Limit = "none" if share >= 0.999 else self.limited_by
             return StreamPlanInfo(share, 1.0 / max(share, 1e-6), limited_by, _REASONS[limited_by])
+
+    def summary(self) -> PlanSummary:
+        with self._lock:
+            return PlanSummary(
+                self.rate,
+                sum(plan.fps for plan in self._streams.values()),
+                self.limited_by,
+                self.trim,
+                self._others.get(0.0),
+                self.machine.cores,
+                self._capacity_locked(),
+            )
 
     def capacity(self) -> int:
         """Streams this engine can serve at ``min_restored_share`` (at least 1), from the open streams'

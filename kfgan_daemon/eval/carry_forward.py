@@ -86,7 +86,7 @@ def measure_carry_forward(
     *,
     crf: int = 42,
     gop_seconds: float = 1.0,
-    intervals: Sequence[int] = (1, 2, 3),
+    intervals: Sequence[int] = (1, 2, 3, 4, 5),
     max_frames: int = 100,
     settings: RestoreSettings | None = None,
 ) -> list[CarryForwardRow]:

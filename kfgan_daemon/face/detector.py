@@ -144,27 +144,26 @@ class DetectorProcess:
     def __init__(self, kind: DetectorKind = "hog", path: str | Path | None = None) -> None:
         self.kind = kind
         self.path = path
-        self._child = ModelProcess(_start_detector, (kind, path))
+        self._child = ModelProcess(
+            "kfgan_daemon.face.detector:ChildDetector", (kind, None if path is None else str(path))
+        )
 
     def warm(self) -> None:
         self._child.warm()
 
     def run(self, image: np.ndarray, upsample: int) -> list[Detection]:
-        return self._child.submit(_detect_in_child, image, upsample).result()
+        return self._child.submit("run", image, upsample).result()
 
     def close(self) -> None:
         self._child.close()
 
 
-_child_detector: tuple[DetectorKind, Any] | None = None
+class ChildDetector:
+    """One dlib detector, the child process's model (see :class:`DetectorProcess`)."""
 
+    def __init__(self, kind: DetectorKind, path: str | None) -> None:
+        self.kind = kind
+        self.detector = load_cnn_detector(path) if kind == "cnn" else load_hog_detector()
 
-def _start_detector(kind: DetectorKind, path: str | Path | None) -> None:
-    global _child_detector
-    _child_detector = (kind, load_cnn_detector(path) if kind == "cnn" else load_hog_detector())
-
-
-def _detect_in_child(image: np.ndarray, upsample: int) -> list[Detection]:
-    assert _child_detector is not None
-    kind, detector = _child_detector
-    return _run(kind, detector, image, upsample)
+    def run(self, image: np.ndarray, upsample: int) -> list[Detection]:
+        return _run(self.kind, self.detector, image, upsample)

@@ -75,31 +75,25 @@ class DescriberProcess:
 
     def __init__(self, model_path: str | Path | None = None, niceness: int = DESCRIBER_NICENESS) -> None:
         self.model_path = model_path
-        self._child = ModelProcess(_start_describer, (model_path,), niceness)
+        path = None if model_path is None else str(model_path)
+        self._child = ModelProcess("kfgan_daemon.face.identity:warm_describer", (path,), niceness)
 
     def warm(self) -> None:
         """Start the child and load its network (seconds: call on a worker thread, before going live)."""
         self._child.warm()
 
     def describe_async(self, crop_rgb: np.ndarray, crop_landmarks: np.ndarray) -> Future[np.ndarray]:
-        return self._child.submit(_describe_in_child, np.ascontiguousarray(crop_rgb), np.asarray(crop_landmarks))
+        return self._child.submit("describe", np.ascontiguousarray(crop_rgb), np.asarray(crop_landmarks))
 
     def close(self) -> None:
         self._child.close()
 
 
-_child_describer: FaceDescriber | None = None
-
-
-def _start_describer(model_path: str | Path | None) -> None:
-    global _child_describer
-    _child_describer = FaceDescriber(model_path)
-    _child_describer.describe(np.zeros((256, 256, 3), np.uint8), _WARM_LANDMARKS)
-
-
-def _describe_in_child(crop_rgb: np.ndarray, crop_landmarks: np.ndarray) -> np.ndarray:
-    assert _child_describer is not None
-    return _child_describer.describe(crop_rgb, crop_landmarks)
+def warm_describer(model_path: str | None) -> FaceDescriber:
+    """A describer whose network has run once (the child process's model)."""
+    describer = FaceDescriber(model_path)
+    describer.describe(np.zeros((256, 256, 3), np.uint8), _WARM_LANDMARKS)
+    return describer
 
 
 # A plausible face's landmarks in a 256x256 crop, only to run the network once at start-up.

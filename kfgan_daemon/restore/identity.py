@@ -12,8 +12,8 @@ The check is asynchronous: :meth:`IdentityWatch.check` asks for a descriptor and
 :meth:`IdentityWatch.settle` applies the answers that are ready, in the order they
 were asked. A live stream asks a child process (``face.identity.DescriberProcess``)
 and never waits; meanwhile an I-frame's crop waits with its check and enters the
-store only once its face is known to be the store's person, and a face found
-afresh restores nothing until its check is answered. A file asks
+store only once its face is known to be the store's person, and a face that
+appears afresh restores nothing until its check is answered. A file asks
 ``FaceDescriber``, whose answers are ready at once: the same decisions, at the
 same frames, every run.
 """
@@ -50,7 +50,7 @@ class Verdict(Generic[K]):
 class _Check(Generic[K]):
     future: Future[np.ndarray]
     keyframe: K | None
-    new_track: bool
+    new_face: bool
 
 
 @dataclass(slots=True)
@@ -106,12 +106,13 @@ class IdentityWatch(Generic[K]):
         return True
 
     @property
-    def verifying_new_face(self) -> bool:
-        """True from the check of a face found afresh until its answer is applied: it may be someone else."""
-        return any(check.new_track for check in self._pending)
+    def checking_new_face(self) -> bool:
+        """True from the check of a face that appeared afresh until its answer is applied: it may be
+        someone else."""
+        return any(check.new_face for check in self._pending)
 
     def check(
-        self, crop_rgb: np.ndarray, crop_landmarks: np.ndarray, *, keyframe: K | None = None, new_track: bool = False
+        self, crop_rgb: np.ndarray, crop_landmarks: np.ndarray, *, keyframe: K | None = None, new_face: bool = False
     ) -> None:
         """Ask who this face is; ``keyframe`` (an I-frame's crop) is held until the answer. Without a
         describer the keyframe is released at the next :meth:`settle` unchecked."""
@@ -120,7 +121,7 @@ class IdentityWatch(Generic[K]):
             future.set_result(np.zeros(0))
         else:
             future = self.describer.describe_async(crop_rgb, crop_landmarks)
-        self._pending.append(_Check(future, keyframe, new_track))
+        self._pending.append(_Check(future, keyframe, new_face))
 
     def settle(self) -> list[Verdict[K]]:
         """The answered checks, oldest first, applied to the store's person. A check that failed

@@ -23,7 +23,7 @@ from kfgan_daemon.face import (
     mls_warp,
     paste_face,
 )
-from kfgan_daemon.face.detector import DetectorProcess
+from kfgan_daemon.face.detector import DetectorProcess, FaceBox
 from kfgan_daemon.face.identity import FaceDescriber
 from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.face.paste import PasteMode, native_detail_delta, paste_box
@@ -147,7 +147,7 @@ class StreamRestorer:
             self._sent(frame, frame)
             return None
         with timer.stage("select"):
-            entry = None if self.identity.verifying_new_face else self.store.select(aligned.crop_landmarks)
+            entry = None if self.identity.checking_new_face else self.store.select(aligned.crop_landmarks)
         if entry is None:
             self.stats.no_keyframe += 1
             self.stats.passed_through += 1
@@ -201,6 +201,7 @@ class StreamRestorer:
         I-frame's face or a face found afresh is, the I-frame's crop entering the store once known."""
         timer = self.stats.timer
         self._settle_identity()
+        previous_box = self.tracker.face_box
         with timer.stage("track"):
             landmarks = self.tracker.update(frame.luma)
         timestamp = stream_time(frame)
@@ -216,11 +217,15 @@ class StreamRestorer:
             aligned = align_frame(frame, landmarks, mode=self.settings.alignment)
         # A descriptor costs 80-180 ms on a CPU core, so it is computed only where the person can
         # have changed unnoticed: a face found afresh, and an I-frame about to enter the store.
-        new_track = self.tracker.source == "detected"
-        if new_track or frame.is_keyframe:
+        detected = self.tracker.source == "detected"
+        if detected or frame.is_keyframe:
             keyframe = _Keyframe(frame.index, aligned.crop_landmarks, aligned.crop) if frame.is_keyframe else None
+            # Heavy compression makes the tracker lose and find the same face again every few frames
+            # (6 times in 40 frames of d12 at CRF 42): a face found where the followed one just was goes
+            # on being restored while it is checked; one that appears afresh waits for its answer.
+            new_face = detected and not _same_place(previous_box, self.tracker.face_box)
             with timer.stage("identity"):
-                self.identity.check(aligned.crop, aligned.crop_landmarks, keyframe=keyframe, new_track=new_track)
+                self.identity.check(aligned.crop, aligned.crop_landmarks, keyframe=keyframe, new_face=new_face)
                 self._settle_identity()
         return aligned
 
@@ -272,7 +277,7 @@ class StreamRestorer:
         it. Past that the live engine restores the next frame it can instead of planning a carry, so that
         a stream restored sparsely never runs out of correction and alternates with unrestored frames."""
         correction = self._correction
-        if correction is None or correction.store_epoch != self.store_epoch or self.identity.verifying_new_face:
+        if correction is None or correction.store_epoch != self.store_epoch or self.identity.checking_new_face:
             return False
         emitted = self._emitted
         if emitted is None:
@@ -296,7 +301,7 @@ class StreamRestorer:
             correction is None
             or matrix is None
             or correction.store_epoch != self.store_epoch
-            or self.identity.verifying_new_face
+            or self.identity.checking_new_face
         ):
             return None
         if abs(stream_time(frame) - correction.time) > self.settings.carry_forward_seconds:
@@ -375,6 +380,15 @@ def landmark_smoother(settings: RestoreSettings) -> LandmarkSmoother | None:
     if not settings.smooth_landmarks:
         return None
     return LandmarkSmoother(OneEuroSettings(settings.smoothing_min_cutoff, settings.smoothing_beta))
+
+
+# Boxes of the face before and after the tracker lost and found it again that overlap this much
+# are taken as one face in one place (dlib's HOG boxes of one face overlap by 0.6 or more).
+SAME_PLACE_IOU = 0.5
+
+
+def _same_place(before: FaceBox | None, after: FaceBox | None) -> bool:
+    return before is not None and after is not None and before.iou(after) >= SAME_PLACE_IOU
 
 
 def stream_time(frame: DecodedFrame) -> float:

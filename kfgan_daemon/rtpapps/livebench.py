@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from kfgan_daemon.bench import describe_machine_speed, measure_generator_ms_one_thread
 from kfgan_daemon.engine.engine import StreamEngine
 from kfgan_daemon.engine.heap import CollectorControl
+from kfgan_daemon.engine.planner import PlanSummary
 from kfgan_daemon.engine.settings import EngineSettings, OverloadPolicy
 from kfgan_daemon.engine.stream import Outcome
 from kfgan_daemon.rtpapps.clipsender import RtpClipSenderProcess, encode_clip
@@ -96,6 +97,7 @@ class LiveBenchResult:
     # torch thread, measured before the run (kfgan_daemon.bench.measure_generator_ms_one_thread)
     generator_ms_one_thread: float | None = None
     camera_pids: list[int] = field(default_factory=list)  # the cameras' own processes, one each
+    plan: PlanSummary | None = None  # the engine's plan as the measured period ended
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +138,7 @@ class LiveBenchResult:
                 "  garbage collections: "
                 + ", ".join(f"generation {generation} {count} ({total_ms:.1f} ms in all)"
                             for generation, (count, total_ms) in self.collections.items()),
+                f"  plan: {self.plan.describe()}" if self.plan is not None else "  plan: none",
             ]
         )
 
@@ -257,6 +260,7 @@ async def live_bench(
                     ]
                     try:
                         reports = await asyncio.gather(*plays)
+                        plan = engine.planner.summary()
                         threads_before, process_before, collections_before, measured_since = await measurement
                     finally:
                         # After an error, before the cameras stop: no task may still wait on a closed pipe.
@@ -338,6 +342,7 @@ async def live_bench(
         stage_ms=summaries[0].stage_median_ms,
         load_average=os.getloadavg(),
         streams=streams,
+        plan=plan,
         collections={
             generation: (count - collections_before[generation][0],
                          1000 * (seconds_in_all - collections_before[generation][1]))

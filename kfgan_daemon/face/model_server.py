@@ -1,0 +1,39 @@
+"""The child process of ``face.child.ModelProcess``: ``python -m kfgan_daemon.face.model_server``.
+
+A module of its own, imported by nothing, so that running it does not load a
+second copy of a module the package already imported.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from kfgan_daemon.face.child import PING, read_message, write_message
+
+
+def serve() -> None:
+    """Build the model, then answer calls until standard input closes."""
+    requests = sys.stdin.buffer
+    # Answers own the real standard output; anything a library prints goes to standard error.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    factory, args, niceness = read_message(requests)
+    if niceness:
+        os.nice(niceness)
+    module_name, _, function = factory.partition(":")
+    model = getattr(importlib.import_module(module_name), function)(*args)
+    while True:
+        try:
+            method, call_args = read_message(requests)
+        except EOFError:
+            return
+        try:
+            answer = (True, None if method == PING else getattr(model, method)(*call_args))
+        except Exception as exc:
+            answer = (False, exc)
+        write_message(answers, answer)
+
+
+if __name__ == "__main__":
+    serve()
