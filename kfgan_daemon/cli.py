@@ -107,8 +107,36 @@ def restore(
     ] = "correction",
     side_by_side: Annotated[
         bool,
-        typer.Option("--side-by-side/--no-side-by-side", help="Write input | restored next to each other, labelled."),
+        typer.Option(
+            "--side-by-side/--no-side-by-side",
+            help="Write labelled panels next to each other: with --degrade-crf the original, the call as received and "
+            "the restored call, each beside the original with its face PSNR (decoded luma, as eval --end-to-end "
+            "measures it); without, input | restored.",
+        ),
     ] = False,
+    compare: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The side-by-side panels, left to right, comma-separated: original, received, restored "
+            "(original needs --degrade-crf); implies --side-by-side.",
+        ),
+    ] = None,
+    snapshot: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0,
+            help="Write OUT (a .png) as one picture of this frame (from 0) in the side-by-side layout, with each panel "
+            "magnified around the face below it; implies --side-by-side.",
+        ),
+    ] = None,
+    snapshot_width: Annotated[
+        Optional[int],
+        typer.Option(
+            min=64,
+            help="Each panel's width in the snapshot (default: the video's): the upper row is scaled to it, the "
+            "magnified row keeps the video's own pixels.",
+        ),
+    ] = None,
     degrade_crf: Annotated[
         Optional[int],
         typer.Option(
@@ -127,6 +155,11 @@ def restore(
     """Restore the speaker's face in a recorded call."""
     _require_video(input)
     _require_output_folder(output)
+    panels = _parse_panels(compare, with_original=degrade_crf is not None)
+    if snapshot is not None and output.suffix.lower() != ".png":
+        raise typer.BadParameter(f"{output}: a snapshot is written as a .png", param_hint="OUTPUT")
+    if snapshot_width is not None and snapshot is None:
+        raise typer.BadParameter("only a snapshot has a width of its own; add --snapshot N", param_hint="--snapshot-width")
     from kfgan_daemon.restore.file_job import EncodeOptions, restore_file
     from kfgan_daemon.restore.model_choice import open_generator
     from kfgan_daemon.restore.settings import RestoreSettings
@@ -135,17 +168,32 @@ def restore(
         detector=detector, keyframe_store_size=keyframes, keyframe_policy=policy, warp_mode=warp, paste_mode=paste_mode
     )
     generator = open_generator(checkpoint, variant=variant, device=device, half=half)
+    encode = EncodeOptions(crf=crf, bitrate=bitrate, preset=preset, lossless=lossless)
+    if side_by_side or panels is not None or snapshot is not None:
+        from kfgan_daemon.eval.comparison import write_comparison
+
+        compared = write_comparison(
+            input, output, generator, panels=panels, degrade_crf=degrade_crf, settings=settings, encode=encode,
+            snapshot=snapshot, snapshot_width=snapshot_width, progress=not quiet,
+        )
+        typer.echo(f"{output}: {compared.describe()}")
+        return
     summary = restore_file(
-        input,
-        output,
-        generator,
-        settings=settings,
-        encode=EncodeOptions(crf=crf, bitrate=bitrate, preset=preset, lossless=lossless),
-        compare=side_by_side,
-        progress=not quiet,
-        degrade_crf=degrade_crf,
+        input, output, generator, settings=settings, encode=encode, progress=not quiet, degrade_crf=degrade_crf
     )
     typer.echo(f"{output}: {summary.describe()}")
+
+
+def _parse_panels(text: str | None, with_original: bool) -> tuple[str, ...] | None:
+    """``--compare``'s panel names, checked before anything heavy loads."""
+    if text is None:
+        return None
+    from kfgan_daemon.eval.comparison import check_panels
+
+    try:
+        return check_panels([name.strip() for name in text.split(",") if name.strip()], with_original)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--compare") from None
 
 
 @app.command()
@@ -171,7 +219,7 @@ def bench(
     streams: Annotated[int, typer.Option(min=1, help="Live mode: cameras sending at once, through one engine.")] = 1,
     carry_forward: Annotated[
         bool,
-        typer.Option("--carry-forward", help="Face PSNR and flicker with every 1st/2nd/3rd frame restored and the correction carried in between (--frames frames, CRF 42)."),
+        typer.Option("--carry-forward", help="Face PSNR and flicker with every 1st to 5th frame restored (the live planner's cadences at its default min_restored_share) and the correction carried in between (--frames frames, CRF 42)."),
     ] = False,
 ) -> None:
     """Per-stage milliseconds and FPS of the restoration path on a clip; with --live, added latency through `pipe`."""
@@ -431,7 +479,9 @@ def evaluate(
     end_to_end: Annotated[bool, typer.Option(
         "--end-to-end",
         help="Restore each compressed clip as `restore` does (hq and plain senders, with and without keyframes) "
-             "and compare the decoded Y planes with the original's; writes end_to_end.json/.md.",
+             "and compare the decoded Y planes with the original's; also prices every row in bits: the bitrate a "
+             "plain sender needs for its face PSNR (the clip at CRFs from 10 below to 2 above --crf) and the saving "
+             "at equal face quality; writes end_to_end.json/.md.",
     )] = False,
 ) -> None:
     """Compress clips, restore them, and report PSNR/SSIM per clip and on average, with an example grid."""

@@ -90,10 +90,8 @@ class Simulation:
         self.planner.observe_stage(stream_id, "prepare", self.costs.prepare)
         self.planner.observe_stage(stream_id, "complete", self.costs.complete)
         self.planner.observe_batch(1, self.costs.generator, self.costs.generator)
-        late = self.late_every and self._chosen % self.late_every == 0
-        self.planner.finished(stream_id, on_time=not late)
-        if late:
-            self.planner.give_back(stream_id)
+        if self.late_every and self._chosen % self.late_every == 0:
+            self.planner.late(stream_id)
 
     def restored_share(self, stream_id: str, last: int = 50) -> float:
         turns = self.turns[stream_id][-last:]

@@ -49,7 +49,8 @@ def clip(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.shared
 @pytest.mark.slow
 def test_unchanged_generator_scores_as_its_input_and_reports_are_written(clip: Path, tmp_path: Path) -> None:
-    results = evaluate_end_to_end([clip], CropGenerator(Unchanged()), crf=42, max_frames=FRAMES, workdir=tmp_path)
+    results = evaluate_end_to_end([clip], CropGenerator(Unchanged()), crf=42, max_frames=FRAMES, workdir=tmp_path,
+                                  rate_crfs=(40, 42, 44))
     assert [(r.clip, r.sender) for r in results] == [("d12", "hq"), ("d12", "stream")]
     for result in results:
         assert result.frames == FRAMES and result.face_frames == FRAMES
@@ -64,11 +65,21 @@ def test_unchanged_generator_scores_as_its_input_and_reports_are_written(clip: P
     hq, stream = (r.rows[INPUT_ROW] for r in results)
     # The hq sender's later I-frames are quantised much finer, so its input is better.
     assert hq.face_psnr > stream.face_psnr
+    # The plain sender's rate curve: dearer with every finer CRF, and its CRF-42 point is the plain call itself.
+    hq_scores, stream_scores = results
+    curve = stream_scores.curve
+    assert [p.crf for p in curve] == [40, 42, 44] and curve == hq_scores.curve
+    assert curve[0].kbps > curve[1].kbps > curve[2].kbps and curve[0].face_psnr > curve[2].face_psnr
+    assert stream_scores.kbps == pytest.approx(curve[1].kbps)
+    assert stream_scores.plain_kbps_for(INPUT_ROW) == pytest.approx(stream_scores.kbps)
+    assert hq_scores.kbps > stream_scores.kbps  # finer I-frames cost bits
     write_reports(results, 42, tmp_path / "report")
     payload = json.loads((tmp_path / "report" / "end_to_end.json").read_text())
-    assert set(payload["averages"]) == {"hq", "stream"}
+    assert set(payload["averages"]) == {"hq", "stream"} == set(payload["bandwidth"])
+    assert payload["bandwidth"]["stream"][INPUT_ROW]["saving"] == pytest.approx(0.0, abs=1e-9)
     markdown = (tmp_path / "report" / "end_to_end.md").read_text()
     assert "| hq | restored, no reference |" in markdown and "| d12 | stream | 30 |" in markdown
+    assert "| stream | input |" in markdown.split("Bandwidth at equal face quality")[1]
 
 
 @pytest.mark.shared

@@ -61,13 +61,14 @@ def test_restore_synthetic_clip_keeps_format_audio_and_pixels(tmp_path: Path, li
         assert mse < 255**2 / 10**3.5  # above 35 dB PSNR
 
 
-def test_restore_side_by_side_doubles_width(tmp_path: Path, lite_checkpoint: Path) -> None:
+def test_restore_side_by_side_doubles_width_under_a_caption_bar(tmp_path: Path, lite_checkpoint: Path) -> None:
     src = write_synthetic_clip(tmp_path / "in.mp4", frames=12)
     out = tmp_path / "sbs.mp4"
     result = _cli("restore", str(src), str(out), "-c", str(lite_checkpoint), "--side-by-side", "-q")
     assert result.returncode == 0, result.stderr
+    assert "2 panels (received, restored)" in result.stdout
     frames, width, height, _, _ = _probe(out)
-    assert (frames, width, height) == (12, 320, 128)
+    assert (frames, width, height) == (12, 320, 128 + 32)
 
 
 @pytest.mark.slow

@@ -38,7 +38,8 @@ def test_defaults_bind_loopback() -> None:
 def test_example_config_is_valid_and_matches_defaults() -> None:
     # The shipped example documents the defaults; drift between the two is a bug in one of them.
     from_file = Settings.load(EXAMPLE)
-    assert from_file.model_dump() == Settings.load().model_dump()
+    # instance_id is the one default that differs at every start (host name and a random suffix).
+    assert from_file.model_dump(exclude={"instance_id"}) == Settings.load().model_dump(exclude={"instance_id"})
 
 
 def test_file_then_environment_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,6 +73,31 @@ def test_invalid_value_names_the_field(override: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.load(**override)
     assert message in str(info.value)
+
+
+def test_max_streams_is_auto_or_a_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.load().max_streams == "auto"
+    assert Settings.load(max_streams="Auto").max_streams == "auto"
+    assert Settings.load(max_streams=3).max_streams == 3
+    monkeypatch.setenv("KFGAN_MAX_STREAMS", "7")
+    assert Settings.load().max_streams == 7
+    for bad, message in ((0, "greater than or equal to 1"), (257, "less than or equal to 256"),
+                         ("many", "valid integer")):
+        with pytest.raises(ConfigError, match=rf'^max_streams: Input should be .*{message}.* \(or "auto"\)$'):
+            Settings.load(max_streams=bad)
+
+
+def test_instance_id_is_unique_by_default_and_routable() -> None:
+    import re
+
+    first, second = Settings.load().instance_id, Settings.load().instance_id
+    assert first != second, "two daemons on one host must not share an id"
+    assert re.fullmatch(r"[a-z0-9-]+-[0-9a-f]{6}", first), first  # the short host name, a random suffix
+    assert Settings.load(instance_id="media1-8471").instance_id == "media1-8471"
+    # The id starts session ids ("<id>.<random>") and is a balancer's server name: no dots, no slashes.
+    for bad in ("media1.example", "a/b", "-lead", "", "x" * 64, "media1\n"):
+        with pytest.raises(ConfigError, match="^instance_id: "):
+            Settings.load(instance_id=bad)
 
 
 def test_invalid_environment_value_names_the_field(monkeypatch: pytest.MonkeyPatch) -> None:

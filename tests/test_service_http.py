@@ -59,14 +59,23 @@ async def post_offer(daemon, body, headers=AUTH) -> tuple[int, dict]:
 async def test_probes_need_no_token_and_report_state(daemon) -> None:
     async with daemon.http.get(f"{daemon.url}/healthz") as response:
         assert response.status == 200 and (await response.json()) == {"status": "ok"}
-    async with daemon.http.get(f"{daemon.url}/readyz") as response:
+    # Open to balancers, so without the token it says what a balancer needs and nothing more.
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}):
+        async with daemon.http.get(f"{daemon.url}/readyz", headers=headers) as response:
+            assert response.status == 200 and (await response.json()) == {"status": "ready"}
+    async with daemon.http.get(f"{daemon.url}/readyz", headers=AUTH) as response:
         body = await response.json()
         assert response.status == 200 and body["status"] == "ready"
         assert body["model"]["architecture"] == "LiteGenerator" and body["model"]["device"] == "cpu"
         assert body["model"]["path"] == "built in code"  # the test daemon's generator comes from no file
+        assert (body["streams"], body["capacity"], body["capacity_in_use"]) == (0, 2, 0.0)
+        instance = body["instance_id"]
     text = await metrics_text(daemon)
     assert metric(text, "kfgan_ready") == 1
     assert metric(text, "kfgan_model_info", architecture="LiteGenerator") == 1
+    assert metric(text, "kfgan_instance_info", instance_id=instance) == 1
+    assert metric(text, "kfgan_capacity_streams") == 2  # max_streams = 2
+    assert "kfgan_capacity_in_use_ratio 0.0" in text
     # The engine's metrics are served on the same registry.
     assert "kfgan_engine_streams_open" in text
 
@@ -77,7 +86,7 @@ async def test_readyz_names_the_model_file_it_loaded() -> None:
 
     started = await start_daemon(generator_factory=load_generator, token=TOKEN)
     try:
-        async with started.http.get(f"{started.url}/readyz") as response:
+        async with started.http.get(f"{started.url}/readyz", headers=AUTH) as response:
             body = await response.json()
         assert response.status == 200
         assert body["model"]["path"] == str(resolve_model_path(None).resolve())
@@ -166,9 +175,16 @@ async def test_stream_limit_and_bad_input_leave_live_streams_running(daemon) -> 
         await first.wait_frames(10)
         await second.wait_frames(10)
 
-        # max_streams = 2: the third caller is told to come back later.
-        code, answer = await post_offer(daemon, {"sdp": await third.offer_sdp(), "type": "offer"})
-        assert code == 503 and answer["reason"] == "capacity"
+        # max_streams = 2: readiness says so before anyone is refused, and the third caller is told
+        # to come back later, with nothing created for it.
+        async with daemon.http.get(f"{daemon.url}/readyz") as response:
+            assert response.status == 503 and (await response.json()) == {"status": "not_ready", "reason": "full"}
+        assert metric(await metrics_text(daemon), "kfgan_capacity_in_use_ratio") == 1.0
+        async with daemon.http.post(f"{daemon.url}/offer", headers=AUTH,
+                                    json={"sdp": await third.offer_sdp(), "type": "offer"}) as response:
+            assert response.status == 503 and (await response.json())["reason"] == "capacity"
+            assert int(response.headers["Retry-After"]) > 0
+        assert len((await daemon.get_json("/streams"))["sessions"]) == 2
 
         # A barrage of bad requests while two streams are live.
         before = (len(first.frames), len(second.frames))
@@ -190,6 +206,8 @@ async def test_stream_limit_and_bad_input_leave_live_streams_running(daemon) -> 
 
         # Hanging one up frees its slot for the caller who was refused.
         async with daemon.http.delete(f"{daemon.url}/streams/{first.session}", headers=AUTH) as response:
+            assert response.status == 200
+        async with daemon.http.get(f"{daemon.url}/readyz") as response:
             assert response.status == 200
         await third.connect(daemon.http, daemon.url, headers=AUTH)
         await third.wait_frames(5)
@@ -225,7 +243,9 @@ async def test_readiness_is_503_while_the_model_loads() -> None:
             async with http.get(f"{url}/healthz") as response:
                 assert response.status == 200
             async with http.get(f"{url}/readyz") as response:
-                assert response.status == 503 and (await response.json())["status"] == "loading"
+                assert response.status == 503
+                body = await response.json()
+                assert (body["status"], body["reason"], body["detail"]) == ("not_ready", "loading", "loading the model")
             caller = ClientPeer(PatternTrack())
             try:
                 offer = {"sdp": await caller.offer_sdp(), "type": "offer"}

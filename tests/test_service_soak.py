@@ -58,10 +58,10 @@ HEAP_RELEASES = "kfgan_heap_release_collect_seconds_count"
 class LoggedDaemon:
     """``kfgan-daemon serve`` as a process whose log is read all along (an unread pipe would block it)."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, port: int = 0, **env: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kfgan_daemon", "serve", "--config", str(config), "--port", "0"],
-            cwd=TESTS.parent, env=clean_env(), stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "kfgan_daemon", "serve", "--config", str(config), "--port", str(port)],
+            cwd=TESTS.parent, env=clean_env(**env), stderr=subprocess.PIPE, text=True,
         )
         self.log: deque[str] = deque(maxlen=5000)
         self._listening = threading.Event()
@@ -205,7 +205,7 @@ async def test_a_killed_inference_worker_comes_back_and_readyz_says_so_meanwhile
         await asyncio.sleep(0)
         response = await client.get("/readyz")
         assert response.status == 503
-        assert (await response.json())["status"] == "restarting"
+        assert (await response.json())["reason"] == "restarting"
         offer = await caller.offer_sdp()
         refused = await client.post("/offer", json={"sdp": offer, "type": "offer"})
         assert refused.status == 503 and (await refused.json())["reason"] == "not_ready"

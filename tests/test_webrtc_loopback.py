@@ -233,6 +233,54 @@ async def test_restored_video_comes_back_on_the_same_connection(daemon: Daemon, 
         await client.close()
 
 
+async def test_a_receive_only_section_gets_the_call_as_received() -> None:
+    # One stream allowed: the receive-only section is not a second stream.
+    daemon = await start_daemon(max_streams=1)
+    pc = RTCPeerConnection()
+    # Listed before the camera's section: each still gets its own video back.
+    view = pc.addTransceiver("video", direction="recvonly")
+    camera = pc.addTransceiver(PatternTrack(), direction="sendrecv")
+    frames: dict[str, list[av.VideoFrame]] = {"received": [], "restored": []}
+    readers: list[asyncio.Task[None]] = []
+
+    async def read(track, into: list[av.VideoFrame]) -> None:
+        while True:
+            try:
+                into.append(await track.recv())
+            except MediaStreamError:
+                return
+
+    @pc.on("track")
+    def on_track(track) -> None:
+        readers.append(asyncio.ensure_future(read(track, frames["received" if track is view.receiver.track else "restored"])))
+
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        async with daemon.http.post(f"{daemon.url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as response:
+            assert response.status == 200, await response.text()
+            answer = await response.json()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        # The daemon only sends on the receive-only section, and sends and receives on the camera's.
+        assert (view.currentDirection, camera.currentDirection) == ("recvonly", "sendrecv")
+        await wait_for(lambda: min(map(len, frames.values())) >= 25, 30, "25 frames on each track")
+        (stream,) = await daemon.streams(answer["session"])
+        assert {(f.width, f.height) for f in frames["received"] + frames["restored"]} == {(WIDTH, HEIGHT)}
+        # No face in the pattern: both tracks show the same pictures, each restored frame with its received one.
+        assert stream["stats"]["restored"] == 0
+        shown = {f.pts: f for f in frames["received"]}
+        pairs = [(shown[f.pts], f) for f in frames["restored"] if f.pts in shown]
+        assert len(pairs) >= 20
+        for received, restored in pairs[-5:]:
+            difference = received.to_ndarray(format="gray").astype(int) - restored.to_ndarray(format="gray")
+            assert np.abs(difference).mean() < 2.0  # two encodes of one picture by the daemon's senders
+    finally:
+        await pc.close()
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await stop_daemon(daemon)
+
+
 @pytest.mark.parametrize("codec", ["video/H264", "video/VP8"])
 async def test_empty_store_sends_pli_and_a_keyframe_follows(daemon: Daemon, codec: str) -> None:
     client = ClientPeer(PatternTrack(), codec=codec)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -288,12 +289,15 @@ class InferenceWorker:
         return batch
 
     def _discard_stale(self, batch: list[_Request], now: float) -> list[_Request]:
-        """Drop jobs that are withdrawn, past their deadline, or would be by the time this batch is done.
+        """Drop jobs that are withdrawn or past their deadline; put back those that would make the batch late.
 
         Computing a crop that arrives after its frame was sent is pure loss, and
         it makes the next frames late too: under overload a real-time stream
-        would otherwise never catch up. So, while the predicted end of the batch
-        is past some job's deadline, the job with the earliest deadline goes.
+        would otherwise never catch up. But a batch is late for its earliest
+        deadline only because of the jobs beside it (on a CPU a batch of two
+        takes twice one): while the predicted end of the batch is past some
+        job's deadline, the job with the latest deadline goes back to the front
+        of the queue, to run next; a job late on its own is expired.
         """
         live = []
         for request in batch:
@@ -303,14 +307,15 @@ class InferenceWorker:
                 self._expire(request)
                 continue
             live.append(request)
+        live.sort(key=lambda r: math.inf if r.deadline is None else r.deadline)
         while live:
             finish = now + self.service_time.predict(len(live), now)
-            late = [r for r in live if r.deadline is not None and r.deadline < finish]
-            if not late:
+            if not any(r.deadline is not None and r.deadline < finish for r in live):
                 break
-            earliest = min(late, key=lambda r: r.deadline)
-            live = [r for r in live if r is not earliest]
-            self._expire(earliest)
+            if len(live) == 1:
+                self._expire(live.pop())
+                break
+            self._queue.appendleft(live.pop())
         return live
 
     def _expire(self, request: _Request) -> None:

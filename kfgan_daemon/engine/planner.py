@@ -34,9 +34,12 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 from kfgan_daemon.engine.machine import LoadSample, MachineLoad
 from kfgan_daemon.engine.settings import EngineSettings
@@ -52,10 +55,15 @@ MAX_CREDIT = 2.0
 # The inference thread is one thread: planned at most this busy, so that a crop
 # rarely waits behind another stream's.
 GENERATOR_TARGET = 0.9
-# Feedback on the rate: a period with more than LATE_SHARE_HIGH of its chosen
-# frames late cuts the trim by CUT; one with none late raises it by GROW, past 1
-# (more than the model says) only while cores and generator are measurably idle.
-LATE_SHARE_HIGH = 0.05
+# Feedback on the rate, judged over the last LATE_WINDOW planning periods (a period
+# holds a handful of restorations, too few to judge alone): more than LATE_SHARE_HIGH
+# of the chosen frames late, and at least MIN_LATE of them, cuts the trim by CUT;
+# under LATE_SHARE_LOW raises it by GROW, past 1 (more than the model says) only
+# while cores and generator are measurably idle.
+LATE_WINDOW = 4
+LATE_SHARE_HIGH = 0.2
+LATE_SHARE_LOW = 0.05
+MIN_LATE = 2
 CUT = 0.8
 GROW = 0.05
 TRIM_RANGE = (0.2, 1.3)
@@ -68,6 +76,9 @@ PRIOR_BASE_PER_MEGAPIXEL = 1.0
 PRIOR_RESTORE_EXTRA = 0.7
 # Seconds per crop assumed for the capacity of an engine whose generator was never timed.
 DEFAULT_GENERATOR_SECONDS = 0.03
+# The per-frame CPU cost is the BASE_QUANTILE of the last BASE_WINDOW periods' measurements.
+BASE_WINDOW = 8
+BASE_QUANTILE = 0.25
 # Fewer frames than this in a planning period say too little about the per-frame cost.
 MIN_FRAMES_TO_MEASURE = 10
 
@@ -178,8 +189,8 @@ class CadencePlanner:
 
     The engine calls :meth:`arrived` for every frame, :meth:`take_turn` before
     it starts a frame's restoration, :meth:`observe_stage` and
-    :meth:`observe_batch` with measured costs, and :meth:`finished` with each
-    chosen frame's fate. Thread-safe: costs arrive from worker threads.
+    :meth:`observe_batch` with measured costs, and :meth:`late` when a chosen
+    frame's restoration missed its deadline. Thread-safe: costs arrive from worker threads.
     """
 
     def __init__(
@@ -196,10 +207,13 @@ class CadencePlanner:
         self._generator_wall: dict[int, Ewma] = {}  # seconds per batch, by batch size
         self._generator_cpu = Ewma()  # CPU seconds per crop
         self._generator_prior: float | None = None
-        self._base_cpu = Ewma(0.3)  # CPU seconds every frame costs, restored or not
+        # CPU seconds every frame costs, restored or not, as measured in the last planning periods
+        self._base_cpu: deque[float] = deque(maxlen=BASE_WINDOW)
         self._others = Ewma(0.3)  # cores other programs use
         self._restoration_cpu = 0.0  # CPU seconds spent restoring in the current period
         self._generator_busy = 0.0  # wall seconds the generator ran in the current period
+        # (chosen, late) restorations of the last planning periods
+        self._outcomes: deque[tuple[int, int]] = deque(maxlen=LATE_WINDOW)
         self.rate = 0.0  # crops per second planned over all streams
         self.trim = 1.0
         self.limited_by: Limit = "none"
@@ -242,12 +256,14 @@ class CadencePlanner:
             return False
 
     def give_back(self, stream_id: str) -> None:
-        """A planned restoration could not start in time: the stream keeps the turn for its next frame."""
+        """A planned restoration could not start in time (the generator busy with another stream's
+        face, a slow face stage): the stream keeps the turn for its next frame. Not lateness: nothing
+        was spent, and the credit's cap keeps deferred turns from piling up."""
         with self._lock:
             plan = self._streams.get(stream_id)
             if plan is not None:
                 plan.credit = min(plan.credit + 1.0, MAX_CREDIT)
-                plan.late += 1
+                plan.chosen -= 1
 
     def spend(self, stream_id: str) -> None:
         """A restoration outside the plan (nothing to carry yet, so the frame is restored if it can be)."""
@@ -257,10 +273,8 @@ class CadencePlanner:
                 plan.credit = max(plan.credit - 1.0, -1.0)
                 plan.chosen += 1
 
-    def finished(self, stream_id: str, on_time: bool) -> None:
-        """A started restoration came out (``on_time``) or was too late to use."""
-        if on_time:
-            return
+    def late(self, stream_id: str) -> None:
+        """A planned restoration was started and came too late for its frame: the rate was too high."""
         with self._lock:
             plan = self._streams.get(stream_id)
             if plan is not None:
@@ -367,7 +381,7 @@ class CadencePlanner:
                 "plan: %.1f crops/s of %.1f frames/s (%s; cpu %.1f, generator %.1f, trim %.2f; other programs "
                 "%.2f cores, every frame %.1f ms CPU)",
                 self.rate, total_fps, self.limited_by, cpu_rate, generator_rate, self.trim,
-                self._others.get(0.0), 1000 * self._base_cpu.get(0.0),
+                self._others.get(0.0), 1000 * self._base_cost(0),
             )
 
     def _learn(self, sample: LoadSample, streams: list[StreamPlan]) -> None:
@@ -375,15 +389,17 @@ class CadencePlanner:
         frames = sum(plan.frames for plan in streams)
         if frames >= MIN_FRAMES_TO_MEASURE:
             process_cpu = sample.process * sample.seconds
-            self._base_cpu.add(max(0.0, process_cpu - self._restoration_cpu) / frames)
+            self._base_cpu.append(max(0.0, process_cpu - self._restoration_cpu) / frames)
 
     def _adjust_trim(self, streams: list[StreamPlan], sample: LoadSample | None) -> None:
-        chosen = sum(plan.chosen for plan in streams)
-        late = sum(plan.late for plan in streams)
+        self._outcomes.append((sum(plan.chosen for plan in streams), sum(plan.late for plan in streams)))
+        chosen = sum(count for count, _ in self._outcomes)
+        late = sum(count for _, count in self._outcomes)
         low, high = TRIM_RANGE
-        if chosen >= 4 and late > LATE_SHARE_HIGH * chosen:
+        if late >= MIN_LATE and late > LATE_SHARE_HIGH * chosen:
             self.trim = max(low, self.trim * CUT)
-        elif late == 0:
+            self._outcomes.clear()  # judge the cut rate on its own periods
+        elif late <= LATE_SHARE_LOW * chosen:
             idle = sample is not None and (
                 sample.process + sample.others < 0.9 * self.machine.cores * self.settings.target_busy
                 and self._generator_busy < 0.9 * GENERATOR_TARGET * sample.seconds
@@ -425,7 +441,11 @@ class CadencePlanner:
     def _base_cost(self, pixels: int) -> float:
         """CPU seconds every frame costs, restored or not (measured, else the prior for its size)."""
         prior = PRIOR_BASE_PER_MEGAPIXEL * self._generator_seconds() * max(pixels, 1) / 1e6
-        return self._base_cpu.get(prior)
+        if not self._base_cpu:
+            return prior
+        # A low quantile: what a call's first seconds add (decoders and encoders starting, first
+        # detections) and other one-off work in this process only ever raise a period's figure.
+        return float(np.quantile(self._base_cpu, BASE_QUANTILE))
 
     def _restore_extra(self, plan: StreamPlan | None) -> float:
         """CPU seconds a restoration adds to a frame: face stage, paste and generator, less the carry it saves."""

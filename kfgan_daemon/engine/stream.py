@@ -196,6 +196,7 @@ class _Record:
     result: asyncio.Future[_Result]  # cancelled by the emit task when it gives up on the frame
     job: FaceJob | None = None  # once the face stage built it
     inference: asyncio.Future[np.ndarray] | None = None
+    planned: bool = False  # its restoration is one of the plan's, expected on time
 
 
 @dataclass(slots=True)
@@ -524,7 +525,7 @@ class LiveStream:
             if turn is None:
                 await self._settle_late(record, planned=True)
                 return
-            planned = turn == "planned"
+            planned = record.planned = turn == "planned"
             assert record.deadline is not None
             if not planned:
                 # With nothing fit to carry, a crop that misses its own frame still refreshes the
@@ -625,8 +626,7 @@ class LiveStream:
         self._in_flight.release()
         if future.cancelled():
             # the worker saw it could not finish in time, or the stream closed
-            if self._planner is not None:
-                self._planner.finished(self.id, on_time=False)
+            self._late(record)
             _settle(record, _Result(None, late=True, matrix=job.matrix))
             return
         exc = future.exception()
@@ -638,11 +638,16 @@ class LiveStream:
         self._metrics.stage_seconds.labels(self.id, "inference").observe(seconds)
         self._gauges.add_stage("inference", seconds)
         if record.result.done():  # its frame left without it: the crop still refreshes the correction
-            if self._planner is not None:
-                self._planner.finished(self.id, on_time=False)
+            self._late(record)
             self._remember_late(record.frame, job, future.result())
             return
         _settle(record, _Result(Outcome.RESTORED, job, future.result()))
+
+    def _late(self, record: _Record) -> None:
+        """A restoration came too late for its frame: the plan learns of it if it expected it on time
+        (an unplanned one, started only to refresh the correction, may well come late)."""
+        if record.planned and self._planner is not None:
+            self._planner.late(self.id)
 
     def _remember_late(self, frame: DecodedFrame, job: FaceJob, crop: np.ndarray) -> None:
         if self.restorer is None or not self._accepting:
@@ -699,8 +704,8 @@ class LiveStream:
             timeout = max(0.0, record.deadline - reserve - now)
         done, _ = await asyncio.wait({record.result}, timeout=timeout)
         if not done:
-            if record.job is not None and record.inference is None and self._planner is not None:
-                self._planner.finished(self.id, on_time=False)  # prepared, never reached the generator
+            if record.job is not None and record.inference is None:
+                self._late(record)  # prepared, never reached the generator
             # its crop, if being computed, will still refresh the correction (_inference_done)
             record.result.cancel()
             result = _Result(None, late=True, matrix=None if record.job is None else record.job.matrix)

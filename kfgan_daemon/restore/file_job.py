@@ -9,11 +9,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from kfgan_daemon.media import DecodedFrame, FileSink, FileSource
+from kfgan_daemon.media import FileSink, FileSource
 from kfgan_daemon.media.encode import degrade_like_a_call
 from kfgan_daemon.media.quantiser import QuantiserProfile, probe_quantiser
 from kfgan_daemon.restore.generator import CropGenerator
@@ -83,65 +82,37 @@ class RestoreSummary:
         )
 
 
-def side_by_side(left: DecodedFrame, right: DecodedFrame, labels: tuple[str, str] | None = None) -> DecodedFrame:
-    """Two frames of one stream next to each other (planes joined, no conversion), each half
-    optionally captioned in a bar across its top."""
-    joined = right.with_planes(*(np.concatenate(pair, axis=1) for pair in zip(left.planes, right.planes)))
-    if labels is not None:
-        for offset, text in zip((0, left.width), labels):
-            _caption(joined, offset, left.width, text)
-    return joined
-
-
-def _caption(frame: DecodedFrame, x0: int, width: int, text: str) -> None:
-    """White text on a black bar at the top of the columns ``x0 .. x0 + width``, drawn in the planes."""
-    black, white = (0, 255) if frame.colour.full_range else (16, 235)
-    bar = max(16, frame.height // 16) & ~1
-    luma = np.full((bar, width), black, np.uint8)
-    scale = bar / 40.0
-    origin = (bar // 3, bar * 3 // 4)
-    cv2.putText(luma, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, white, max(1, bar // 20), cv2.LINE_AA)
-    frame.y[:bar, x0 : x0 + width] = luma
-    # Neutral chroma under the bar, so the caption is grey on every picture.
-    frame.u[: bar // 2, x0 // 2 : (x0 + width) // 2] = 128
-    frame.v[: bar // 2, x0 // 2 : (x0 + width) // 2] = 128
-
-
 def restore_file(
     source_path: Path,
     output_path: Path,
     generator: CropGenerator,
     settings: RestoreSettings | None = None,
     encode: EncodeOptions = EncodeOptions(),
-    compare: bool = False,
     progress: bool = True,
     degrade_crf: int | None = None,
 ) -> RestoreSummary:
     """Restore every frame of ``source_path`` into ``output_path``.
 
-    With ``compare`` the output shows input and restored frames side by side, captioned.
     With ``degrade_crf`` the input is first compressed as a call would deliver it (libx264
-    at that CRF, an I-frame a second) and that is what gets restored, so a comparison
-    shows the call as received beside the restored call.
+    at that CRF, an I-frame a second) and that is what gets restored.
     Audio is copied unchanged; frame rate and timestamps are kept.
     """
     restorer = StreamRestorer(settings, native_detail=generator.native_detail)
     start = time.perf_counter()
-    labels = ("input", "restored")
     with ExitStack() as scratch:
         if degrade_crf is not None:
             folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="kfgan-received-")))
             received = folder / f"{Path(source_path).stem}-crf{degrade_crf}.mp4"
             degrade_like_a_call(source_path, received, degrade_crf)
-            source_path, labels = received, (f"received (CRF {degrade_crf})", "restored")
-        encode = _resolve_output(encode, source_path)
-        _restore_frames(source_path, output_path, generator, restorer, encode, labels if compare else None, progress)
+            source_path = received
+        encode = resolve_output(encode, source_path)
+        _restore_frames(source_path, output_path, generator, restorer, encode, progress)
     summary = summarize(restorer.stats, time.perf_counter() - start)
     summary.output = _describe_output(encode)
     return summary
 
 
-def _resolve_output(encode: EncodeOptions, source_path: Path) -> EncodeOptions:
+def resolve_output(encode: EncodeOptions, source_path: Path) -> EncodeOptions:
     """``encode`` with its CRF chosen from the input's quantiser when the user set none."""
     if encode.crf is not None:
         return encode
@@ -170,29 +141,30 @@ def _restore_frames(
     generator: CropGenerator,
     restorer: StreamRestorer,
     encode: EncodeOptions,
-    labels: tuple[str, str] | None,
     progress: bool,
 ) -> None:
-    compare = labels is not None
     with FileSource(source_path) as source:
-        sink = FileSink.like(
-            source,
-            output_path,
-            width=source.width * (2 if compare else 1),
-            crf=encode.crf,
-            qp=0 if encode.lossless else None,
-            bitrate=encode.bitrate,
-            preset=encode.preset,
-            gop=encode.gop,
-        )
+        sink = open_sink(source, output_path, encode)
         with sink, tqdm(total=source.frame_count, unit="frame", disable=not progress, desc="restore") as bar:
             for frame in source:
                 restored = restorer.restore(frame, generator)
-                if compare:
-                    restored = side_by_side(frame, restored, labels)
                 with restorer.stats.timer.stage("encode"):
                     sink.write(restored)
                 bar.update(1)
+
+
+def open_sink(source: FileSource, output_path: Path, encode: EncodeOptions, **size: int) -> FileSink:
+    """A sink like ``source`` (timing, colour, audio) encoding as ``encode`` says; ``size`` overrides width/height."""
+    return FileSink.like(
+        source,
+        output_path,
+        crf=encode.crf,
+        qp=0 if encode.lossless else None,
+        bitrate=encode.bitrate,
+        preset=encode.preset,
+        gop=encode.gop,
+        **size,
+    )
 
 
 def summarize(stats: RestoreStats, seconds: float) -> RestoreSummary:

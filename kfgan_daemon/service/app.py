@@ -8,8 +8,12 @@ Routes::
     GET    /streams/{id}   one session
     DELETE /streams/{id}   hang up one session
     GET    /healthz        liveness: the event loop answers (no token needed)
-    GET    /readyz         readiness: model loaded and warm, not draining (no token needed)
+    GET    /readyz         readiness: model loaded and warm, room for a call, not draining (no token needed)
     GET    /metrics        Prometheus text format
+
+Session ids start with the daemon's ``instance_id`` (``<instance_id>.<random>``),
+so a balancer in front of several daemons routes ``/streams/{id}`` to the one
+that owns the call; ``POST /offer`` answers with ``Location: /streams/{id}``.
 
 Every error is JSON, ``{"error": message, "reason": short_code}``, and is
 counted in ``kfgan_http_request_errors_total{route, reason}``.
@@ -33,6 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kfgan_daemon.engine import StreamEngine
+from kfgan_daemon.service.capacity import capacity_in_use, stream_limit
 from kfgan_daemon.service.config import Settings
 from kfgan_daemon.service.demo import PUBLIC_PATHS, add_demo_routes
 from kfgan_daemon.service.metrics import ServiceMetrics
@@ -77,6 +82,19 @@ class ServiceState:
     @property
     def ready(self) -> bool:
         return self.status == "ready"
+
+    def unready_reason(self) -> str | None:
+        """Why a balancer should send no call here now (None: it may), as ``/readyz`` says it."""
+        if not self.ready:
+            return self.status
+        if self.engine is None or not self.engine.inference.running:
+            # A dead worker is restarted within seconds; meanwhile new calls would go out unrestored.
+            return "restarting"
+        if len(self.sessions.sessions) >= stream_limit(self.settings.max_streams, self.engine):
+            # Said before the next offer is refused, so that a balancer's health check takes
+            # this daemon out of rotation rather than learning it from refused callers.
+            return "full"
+        return None
 
 
 STATE_KEY = web.AppKey("kfgan_state", ServiceState)
@@ -126,17 +144,21 @@ def _passed_headers(exc: web.HTTPException) -> dict[str, str]:
 
 @web.middleware
 async def bearer_token(request: web.Request, handler) -> web.StreamResponse:
-    token = request.app[STATE_KEY].settings.token
     # Browsers never send credentials on a CORS preflight; aiohttp-cors answers it by the origin list alone.
-    if token is None or request.path in OPEN_PATHS or _is_preflight(request):
+    if request.path in OPEN_PATHS or _is_preflight(request) or _authorized(request):
         return await handler(request)
     header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    expected = token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-        message = "missing bearer token" if not header else "wrong bearer token"
-        return _tagged(error_response(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer realm="kfgan-daemon"'}), "unauthorized")
-    return await handler(request)
+    message = "missing bearer token" if not header else "wrong bearer token"
+    return _tagged(error_response(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer realm="kfgan-daemon"'}), "unauthorized")
+
+
+def _authorized(request: web.Request) -> bool:
+    """The request carries the configured bearer token, or none is configured."""
+    token = request.app[STATE_KEY].settings.token
+    if token is None:
+        return True
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())
 
 
 def _is_preflight(request: web.Request) -> bool:
@@ -209,7 +231,10 @@ async def offer(request: web.Request) -> web.Response:
 async def list_streams(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     sessions = [session.describe() for session in state.sessions.sessions.values()]
-    body: dict[str, Any] = {"sessions": sessions, "max_streams": state.settings.max_streams}
+    body: dict[str, Any] = {"instance_id": state.settings.instance_id, "sessions": sessions,
+                            "max_streams": state.settings.max_streams}
+    if state.engine is not None:
+        body["capacity"] = stream_limit(state.settings.max_streams, state.engine)
     if state.virtual_camera is not None:
         body["virtual_camera"] = state.virtual_camera.describe()
     return web.json_response(body)
@@ -237,21 +262,30 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 ``{"status": "ready"}``, or 503 ``{"status": "not_ready", "reason": ...}``.
+
+    Reasons: starting, loading, failed, restarting (the inference worker),
+    full (every slot taken), draining (SIGTERM). The probe is open to
+    balancers, so that is all it says without the token; with it (or with no
+    token configured) it also names the model, the instance and the load.
+    """
     state = request.app[STATE_KEY]
-    body: dict[str, Any] = {"status": state.status}
-    if state.detail:
-        body["detail"] = state.detail
-    if state.model:
-        body["model"] = state.model
-    if state.ready and state.engine is not None and not state.engine.inference.running:
-        # A dead worker is restarted within seconds; meanwhile new calls would go out unrestored.
-        body["status"] = "restarting"
-        body["detail"] = "the inference worker stopped unexpectedly and is being restarted"
-        return web.json_response(body, status=503)
-    if state.ready:
-        body["streams"] = len(state.sessions.sessions)
-        return web.json_response(body)
-    return web.json_response(body, status=503)
+    reason = state.unready_reason()
+    body: dict[str, Any] = {"status": "ready"} if reason is None else {"status": "not_ready", "reason": reason}
+    if _authorized(request):
+        body["instance_id"] = state.settings.instance_id
+        if reason == "restarting":
+            body["detail"] = "the inference worker stopped unexpectedly and is being restarted"
+        elif state.detail:
+            body["detail"] = state.detail
+        if state.model:
+            body["model"] = state.model
+        if state.engine is not None:
+            live = len(state.sessions.sessions)
+            body["streams"] = live
+            body["capacity"] = stream_limit(state.settings.max_streams, state.engine)
+            body["capacity_in_use"] = capacity_in_use(state.settings.max_streams, state.engine, live)
+    return web.json_response(body, status=200 if reason is None else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -7,12 +7,14 @@ whose message starts with the field's name, e.g.
 from __future__ import annotations
 
 import re
+import secrets
+import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -36,6 +38,17 @@ _VIRTUAL_CAMERA = re.compile(r"^(v4l2:)?(/dev/video\d+)$")
 _ICE_URL = re.compile(r"^stuns?:[^\s]+$")
 # What a browser sends in its Origin header: scheme, host, optional port, nothing else.
 _ORIGIN = re.compile(r"^https?://[a-z0-9.\-]+(:\d{1,5})?$|^https?://\[[0-9a-f:.]+\](:\d{1,5})?$")
+# An instance id starts every session id ("<instance_id>.<token>") and names the daemon's
+# server in a balancer's config (HAProxy routes /streams/{id} by it), so it must be a valid
+# HAProxy server name and a URL path segment, and contain no "." (the separator).
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_STREAM_COUNT = TypeAdapter(Annotated[int, Field(ge=1, le=256)])
+
+
+def default_instance_id() -> str:
+    """The short host name and a random suffix: unique even for several daemons on one host (or pod network)."""
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().split(".")[0].lower()).strip("-")[:50] or "kfgan"
+    return f"{host}-{secrets.token_hex(3)}"
 
 
 class Settings(BaseSettings):
@@ -55,7 +68,15 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         256 * 1024, ge=1024, le=16 * 1024 * 1024, description="largest accepted request body"
     )
-    max_streams: int = Field(4, ge=1, le=256, description="concurrent WebRTC streams; more are refused with 503")
+    max_streams: int | Literal["auto"] = Field(
+        "auto",
+        description='concurrent WebRTC streams; more are refused with 503. "auto": as many as the engine measures '
+        "it can serve on this machine",
+    )
+    instance_id: str = Field(
+        default_factory=default_instance_id,
+        description="this daemon's name among several behind one balancer; starts every session id",
+    )
     stun_servers: list[str] = Field(default_factory=list, description="STUN URLs for ICE (none on a LAN)")
     cors_origins: list[str] = Field(
         default_factory=list, description="origins (https://host[:port]) whose pages may call the API; none by default"
@@ -130,7 +151,9 @@ class Settings(BaseSettings):
     virtual_camera_fps: int = Field(30, ge=1, le=120)
 
     # lifecycle and logs
-    drain_timeout: float = Field(10.0, ge=0.0, le=300.0, description="seconds SIGTERM waits for streams to close")
+    drain_timeout: float = Field(
+        10.0, ge=0.0, le=300.0, description="seconds SIGTERM lets live calls go on before hanging them up"
+    )
     watchdog: bool = Field(True, description="send systemd WATCHDOG=1 pings when the unit sets WatchdogSec")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
@@ -152,6 +175,27 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_case(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("max_streams", mode="plain")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> int | Literal["auto"]:
+        # A plain union would report one error per member ("max_streams.int: ...", "max_streams.literal[...]").
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return _STREAM_COUNT.validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f'{exc.errors()[0]["msg"]} (or "auto")') from None
+
+    @field_validator("instance_id")
+    @classmethod
+    def _routable_instance_id(cls, value: str) -> str:
+        if not _INSTANCE_ID.fullmatch(value):
+            raise ValueError(
+                f"expected 1-63 letters, digits, '-' or '_' (a balancer's server name), starting with a letter or "
+                f"digit, got {value!r}"
+            )
+        return value
 
     @field_validator("device")
     @classmethod

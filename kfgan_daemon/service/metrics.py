@@ -30,6 +30,10 @@ class ServiceMetrics:
         )
         self.ready = Gauge("kfgan_ready", "1 when the model is loaded and warm and the daemon takes offers", registry=r)
         self.model = Info("kfgan_model", "The generator being served", registry=r)
+        self.instance = Info(
+            "kfgan_instance", "This daemon's instance_id, the prefix of its session ids and its balancer server name",
+            registry=r,
+        )
         self.virtual_camera_frames = Counter(
             "kfgan_virtual_camera_frames_total", "Frames written to the virtual camera", registry=r
         )

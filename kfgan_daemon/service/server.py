@@ -4,10 +4,11 @@ Start-up order: the HTTP server first (``/healthz`` answers and ``/readyz``
 says "loading" meanwhile), then the model is loaded and one batch is run on it
 in a thread, then the streaming engine starts, what is alive then is exempted
 from garbage collection (``engine.heap``), ``/readyz`` turns ready and
-systemd hears ``READY=1``. On SIGTERM or SIGINT: ``/readyz`` turns 503, new
-offers get 503, live streams hand out the frames they hold (up to
-``drain_timeout``), peers are hung up, the engine stops, and the process exits
-with status 0. Under systemd with ``WatchdogSec=``, ``WATCHDOG=1`` is sent from
+systemd hears ``READY=1``. On SIGTERM or SIGINT: ``/readyz`` turns 503
+(draining), new offers get 503, live calls go on until their callers hang up,
+for at most ``drain_timeout``; then the calls still live hand out the frames
+they hold, peers are hung up, the engine stops, and the process exits with
+status 0. Under systemd with ``WatchdogSec=``, ``WATCHDOG=1`` is sent from
 the event loop at half the interval, so a stuck loop gets the unit restarted.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kfgan_daemon.engine import EngineSettings, StreamEngine, run_async
 from kfgan_daemon.engine.heap import CollectorControl
 from kfgan_daemon.errors import KfganError
 from kfgan_daemon.service.app import ServiceState, create_app
+from kfgan_daemon.service.capacity import CapacityCollector
 from kfgan_daemon.service.config import Settings
 from kfgan_daemon.service.logs import configure_logging
 from kfgan_daemon.service.metrics import ServiceMetrics
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 # Seconds each shutdown step may take beyond the configured drain.
 _CLEANUP_TIMEOUT = 5.0
+# Seconds beyond max_latency_ms that the frames a hung-up call holds may take to come out.
+_FLUSH_MARGIN = 1.0
+# Seconds aiohttp gives open HTTP requests when the server closes.
+_HTTP_SHUTDOWN = 1.0
 
 
 class SystemdNotifier:
@@ -72,12 +78,33 @@ class SystemdNotifier:
             return None
 
 
+def _flush_seconds(settings: Settings) -> float:
+    return settings.max_latency_ms / 1000 + _FLUSH_MARGIN
+
+
+def longest_stop(settings: Settings) -> float:
+    """Seconds from SIGTERM to exit at most: the drain, then each bounded shutdown step.
+
+    What a supervisor must allow before it kills the daemon (systemd's
+    ``TimeoutStopSec``, Kubernetes' ``terminationGracePeriodSeconds`` less any
+    ``preStop`` time), or calls lose their last frames and the exit status is not 0.
+    """
+    return (
+        settings.drain_timeout
+        + _flush_seconds(settings) + _CLEANUP_TIMEOUT  # the calls still live hand out their frames
+        + _CLEANUP_TIMEOUT  # anything left is hung up
+        + _CLEANUP_TIMEOUT  # the engine stops
+        + _HTTP_SHUTDOWN
+    )
+
+
 def engine_settings(settings: Settings) -> EngineSettings:
     return EngineSettings(
         max_batch=settings.max_batch,
         max_batch_wait=settings.max_batch_wait_ms / 1000,
         max_latency=settings.max_latency_ms / 1000,
-        max_streams=settings.max_streams,
+        # Under "auto" the service admits by the engine's measured capacity (service.capacity).
+        max_streams=None if settings.max_streams == "auto" else settings.max_streams,
     )
 
 
@@ -119,8 +146,13 @@ async def run_server(
 
     mirror = VirtualCameraMirror(settings.virtual_camera, settings.virtual_camera_fps, metrics) if settings.virtual_camera else None
 
+    # Set when the last live call ends: a drain waits on it.
+    no_calls = asyncio.Event()
+
     def session_closed(session) -> None:
         metrics.sessions.set(len(sessions.sessions))
+        if not sessions.sessions:
+            no_calls.set()
         if mirror is not None:
             mirror.release_session(session)
 
@@ -133,12 +165,14 @@ async def run_server(
         on_heap_released=lambda released: metrics.heap_release_collect.observe(released.collect_seconds),
     )
     state = ServiceState(settings=settings, metrics=metrics, sessions=sessions, virtual_camera=mirror)
+    metrics.instance.info({"instance_id": settings.instance_id})
+    metrics.registry.register(CapacityCollector(settings.max_streams, engine_getter, lambda: len(sessions.sessions)))
     app = create_app(state)
 
     handled = (signal.SIGTERM, signal.SIGINT)
     for signum in handled:
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=_HTTP_SHUTDOWN)
     await runner.setup()
     watchdog: asyncio.Task[None] | None = None
     gc_control = CollectorControl(metrics.registry)
@@ -179,16 +213,26 @@ async def run_server(
         state.engine = engine
         gc_control.freeze()
         state.set_status("ready")
-        log.info("ready in %.1f s (model %s on %s)", time.perf_counter() - started, state.model.get("path"), settings.device)
+        log.info("ready in %.1f s as instance %s (model %s on %s)", time.perf_counter() - started, settings.instance_id,
+                 state.model.get("path"), settings.device)
         notifier.notify(f"READY=1\nSTATUS=serving on {url}")
 
         await stop.wait()
-        log.info("stopping: draining %d session(s) for up to %.1f s", len(sessions.sessions), settings.drain_timeout)
+        log.info("stopping: draining %d session(s) for up to %.1f s; exiting within %.0f s", len(sessions.sessions),
+                 settings.drain_timeout, longest_stop(settings))
         notifier.notify("STOPPING=1")
         state.set_status("draining", "shutting down")
         sessions.stop_accepting()
-        await _bounded(sessions.close_all(drain=True, timeout=settings.drain_timeout),
-                       settings.drain_timeout + _CLEANUP_TIMEOUT, "draining the sessions")
+        if sessions.sessions:
+            no_calls.clear()
+            try:
+                await asyncio.wait_for(no_calls.wait(), settings.drain_timeout)
+                log.info("every call ended while draining")
+            except TimeoutError:
+                log.info("hanging up %d call(s) still live after %.1f s", len(sessions.sessions),
+                         settings.drain_timeout)
+        flush = _flush_seconds(settings)
+        await _bounded(sessions.close_all(drain=True, timeout=flush), flush + _CLEANUP_TIMEOUT, "draining the sessions")
     finally:
         sessions.stop_accepting()
         await _bounded(sessions.close_all(drain=False), _CLEANUP_TIMEOUT, "hanging up")

@@ -1,9 +1,14 @@
-"""WebRTC sessions: one RTCPeerConnection per offer, each incoming video sent back restored."""
+"""WebRTC sessions: one RTCPeerConnection per offer, each incoming video sent back restored.
+
+A video section the caller only receives (``recvonly``) gets the call as the daemon
+received it, decoded and unrestored (the n-th such section shows the n-th incoming
+video): the demo page shows it beside the restored video.
+"""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +20,7 @@ from aiortc import (
     RTCIceServer,
     RTCPeerConnection,
     RTCRtpReceiver,
+    RTCRtpTransceiver,
     RTCSessionDescription,
 )
 from aiortc.contrib.media import MediaBlackhole
@@ -23,6 +29,7 @@ from aiortc.sdp import SessionDescription
 from kfgan_daemon.engine import Outcome, StreamEngine
 from kfgan_daemon.engine.heap import HeapRelease, release_heap
 from kfgan_daemon.errors import EngineError, KfganError
+from kfgan_daemon.service.capacity import stream_limit
 from kfgan_daemon.service.config import Settings
 from kfgan_daemon.webrtc import RestoredVideoTrack
 
@@ -98,7 +105,6 @@ class SessionManager:
         self._on_session_closed = on_session_closed
         self._on_heap_released = on_heap_released
         self.sessions: dict[str, PeerSession] = {}
-        self._ids = itertools.count(1)
         self._accepting = True
         self._background: set[asyncio.Task[Any]] = set()
         self._release: asyncio.TimerHandle | None = None
@@ -126,17 +132,16 @@ class SessionManager:
             raise OfferError(
                 "the inference worker is being restarted; retry when /readyz says ready", status=503, reason="not_ready"
             )
-        if len(self.sessions) >= self.settings.max_streams:
+        limit = stream_limit(self.settings.max_streams, engine)
+        if len(self.sessions) >= limit:
+            raise OfferError(f"{limit} streams are live already (max_streams)", status=503, reason="capacity")
+        if video_sections > limit - len(self.sessions):
             raise OfferError(
-                f"{self.settings.max_streams} streams are live already (max_streams)", status=503, reason="capacity"
-            )
-        if video_sections > self.settings.max_streams - len(self.sessions):
-            raise OfferError(
-                f"the offer has {video_sections} video tracks, more than the {self.settings.max_streams} streams "
-                f"allowed", status=503, reason="capacity",
+                f"the offer has {video_sections} video tracks, more than the {limit} streams allowed",
+                status=503, reason="capacity",
             )
 
-        session = PeerSession(id=f"s{next(self._ids)}", pc=RTCPeerConnection(self._configuration()), remote=remote)
+        session = PeerSession(id=self._new_id(), pc=RTCPeerConnection(self._configuration()), remote=remote)
         self.sessions[session.id] = session
         failures: list[Exception] = []
 
@@ -155,7 +160,8 @@ class SessionManager:
                 failures.append(exc)
                 return
             session.tracks.append(restored)
-            session.pc.addTrack(restored)
+            # Back on the track's own section, whichever order the offer lists its sections in.
+            _send_on(_transceiver_of(session.pc, track), restored, "sendrecv")
 
         @session.pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -170,6 +176,7 @@ class SessionManager:
             await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             if failures:
                 raise OfferError(str(failures[0]), status=503, reason="capacity")
+            _send_received_views(session, sdp)
             answer = await session.pc.createAnswer()
             await session.pc.setLocalDescription(answer)
         except OfferError:
@@ -181,6 +188,14 @@ class SessionManager:
         session.watch = self._spawn(self._watch(session))
         log.info("session %s: answered offer from %s with %d video track(s)", session.id, remote, len(session.tracks))
         return session, session.pc.localDescription
+
+    def _new_id(self) -> str:
+        """``<instance_id>.<random>``: a balancer routes follow-up requests by the prefix, and the random part
+        keeps a restarted instance (same id) from reusing a session id an old caller may still send."""
+        while True:
+            session_id = f"{self.settings.instance_id}.{secrets.token_urlsafe(6)}"
+            if session_id not in self.sessions:
+                return session_id
 
     def _restored_track(self, session: PeerSession, track: MediaStreamTrack, engine: StreamEngine) -> RestoredVideoTrack:
         receiver = _receiver_of(session.pc, track)
@@ -290,17 +305,42 @@ class SessionManager:
 
 
 def _video_sections(sdp: str) -> int:
-    """Count the offer's video sections, rejecting text that is not an SDP offer at all."""
+    """Count the offer's video sections the caller sends (each is a stream to restore), rejecting text that
+    is not an SDP offer at all."""
     if not sdp.lstrip().startswith("v=0"):
         raise OfferError("the offer's SDP must start with v=0", reason="bad_sdp")
     try:
         description = SessionDescription.parse(sdp)
     except Exception as exc:
         raise OfferError(f"the offer's SDP cannot be parsed: {_describe(exc)}", reason="bad_sdp") from None
-    count = sum(1 for media in description.media if media.kind == "video")
+    count = sum(1 for media in description.media if media.kind == "video" and media.direction in _CALLER_SENDS)
     if count == 0:
-        raise OfferError("the offer has no video section; send at least one video track", reason="no_video")
+        raise OfferError("the offer sends no video; send at least one video track", reason="no_video")
     return count
+
+
+# Directions of an offer's section in which the caller sends media.
+_CALLER_SENDS = ("sendrecv", "sendonly")
+
+
+def _send_received_views(session: PeerSession, sdp: str) -> None:
+    """Send each restored track's received view on a video section the caller only receives, in offer order."""
+    description = SessionDescription.parse(sdp)
+    receive_only = {
+        media.rtp.muxId for media in description.media if media.kind == "video" and media.direction == "recvonly"
+    }
+    free = [t for t in session.pc.getTransceivers() if t.mid in receive_only and t.sender.track is None]
+    for transceiver, restored in zip(free, session.tracks):
+        _send_on(transceiver, restored.received_view(), "sendonly")
+
+
+def _send_on(transceiver: RTCRtpTransceiver, track: MediaStreamTrack, direction: str) -> None:
+    transceiver.sender.replaceTrack(track)
+    transceiver.direction = direction
+
+
+def _transceiver_of(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtpTransceiver:
+    return next(t for t in pc.getTransceivers() if t.receiver.track is track)
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,6 +16,8 @@ engine's output in order, with the input's pts and time base; frames the engine
 could not restore in time come out unrestored or not at all, by the stream's
 overload policy. When the stream's keyframe store is empty or far from the
 current pose, the sender is asked for a new keyframe with an RTCP PLI.
+:meth:`RestoredVideoTrack.received_view` is a second track of the same frames as they
+arrived, decoded and unrestored, for showing the two side by side.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.webrtc import decoder as received_video
 from kfgan_daemon.webrtc.backlog import BacklogClosed, FrameBacklog
 from kfgan_daemon.webrtc.pli import KeyframeRequester
+from kfgan_daemon.webrtc.received import ReceivedVideoTrack
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,7 @@ class RestoredVideoTrack(MediaStreamTrack):
         # frame sent unrestored goes out as the very picture that came in.
         self._inputs: OrderedDict[int, av.VideoFrame] = OrderedDict()
         self._closing: asyncio.Future[None] | None = None
+        self._received_view: ReceivedVideoTrack | None = None
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -145,11 +149,22 @@ class RestoredVideoTrack(MediaStreamTrack):
             )
         return self._stream
 
+    def received_view(self) -> ReceivedVideoTrack:
+        """The track of this track's frames as they arrived (decoded, unrestored), each sent with its restored
+        counterpart; made on the first call, ended with this track."""
+        if self._received_view is None:
+            self._received_view = ReceivedVideoTrack()
+            if self.readyState != "live":
+                self._received_view.stop()
+        return self._received_view
+
     def stop(self) -> None:
         """End this track at once: stop reading the source and close the engine stream."""
         if self.readyState == "ended":
             return
         super().stop()
+        if self._received_view is not None:
+            self._received_view.stop()
         if self._pump is not None:
             self._pump.cancel()
         self._begin_close(drain=False, timeout=None)
@@ -273,6 +288,10 @@ class RestoredVideoTrack(MediaStreamTrack):
 
     async def _to_video_frame(self, output: StreamOutput) -> av.VideoFrame:
         original = self._take_input(output.frame.index)
+        if original is not None and self._received_view is not None:
+            # A copy: both senders' encoders would otherwise mark the one picture they share.
+            copy = await asyncio.get_running_loop().run_in_executor(None, _copy_picture, original)
+            self._received_view.show(copy)
         if original is None:
             # Not ours (a restorer that renumbers frames): build from the data.
             return await asyncio.get_running_loop().run_in_executor(None, _encode, output.frame, None)
@@ -296,6 +315,11 @@ def _decode(picture: av.VideoFrame, index: int, keyframe: bool) -> DecodedFrame:
     return DecodedFrame.from_av(
         picture, index, is_keyframe=keyframe, colour=ColourSpace.of(picture, fallback=WEBRTC_UNTAGGED_COLOUR)
     )
+
+
+def _copy_picture(picture: av.VideoFrame) -> av.VideoFrame:
+    """The same pixels, tags and timing in a picture of their own."""
+    return _encode(_decode(picture, 0, False), picture)
 
 
 def _encode(frame: DecodedFrame, original: av.VideoFrame | None) -> av.VideoFrame:
