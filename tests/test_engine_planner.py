@@ -9,7 +9,7 @@ import pytest
 
 from kfgan_daemon.engine import EngineSettings
 from kfgan_daemon.engine.machine import LoadSample, MachineLoad, usable_cores
-from kfgan_daemon.engine.planner import RATE_FLOOR, CadencePlanner, _water_fill
+from kfgan_daemon.engine.planner import ADMISSION_MARGIN, RATE_FLOOR, CadencePlanner, _water_fill
 
 HD = 1280 * 720
 
@@ -192,11 +192,11 @@ def test_capacity_follows_the_measured_costs_and_counts_what_is_open() -> None:
     simulation = Simulation({}, settings=settings)
     # the prior for a 720p25 stream: base 1.0 x 21 ms per megapixel, restoration 1.7 x 21 ms
     base, extra = 0.021 * HD / 1e6, 0.021 * 1.7
-    assert simulation.planner.capacity() == int(2 * 0.85 / (25 * (base + 0.2 * extra)))
+    assert simulation.planner.capacity() == int(ADMISSION_MARGIN * 2 * 0.85 / (25 * (base + 0.2 * extra)))
     simulation = Simulation({"a": 25.0, "b": 25.0}, settings=settings)
     simulation.run(4.0)
     measured = simulation.planner.capacity()
-    assert measured == int(2 * 0.85 / (25 * (0.019 + 0.2 * 0.037)))
+    assert measured == int(ADMISSION_MARGIN * 2 * 0.85 / (25 * (0.019 + 0.2 * 0.037)))
     assert simulation.planner.capacity_in_use() == pytest.approx(2 / measured)
     slow = Simulation({"a": 25.0, "b": 25.0}, Costs(base=0.04), settings=settings)
     slow.run(4.0)
@@ -226,3 +226,27 @@ def test_usable_cores_honours_a_cgroup_quota(tmp_path) -> None:
     assert usable_cores(cpu_max) == pytest.approx(min(1.5, usable_cores(tmp_path / "missing")))
     cpu_max.write_text("max 100000\n")
     assert usable_cores(cpu_max) == usable_cores(tmp_path / "missing")
+
+
+def test_callers_who_come_at_once_are_admitted_one_by_one_as_each_is_measured() -> None:
+    settings = EngineSettings(capacity_reference=(640, 480, 30.0))
+    simulation = Simulation({}, Costs(base=0.005), settings=settings)
+    assert simulation.planner.capacity() >= 3  # the priors: room for several
+    simulation.streams["a"] = 30.0
+    simulation.planner.add_stream("a")
+    simulation.turns["a"] = []
+    # a second caller a moment later waits (503, Retry-After) until the first one's cost is measured
+    assert simulation.planner.capacity() == 1
+    simulation.run(2.0)
+    assert simulation.planner.capacity() >= 2
+
+
+def test_other_programs_lower_the_capacity_announced_before_any_call() -> None:
+    machine = ScriptedMachine()
+    simulation = Simulation({}, machine=machine)
+    idle = simulation.planner.capacity()
+    machine.others = 1.0  # a browser takes a core
+    machine.run(1.0, process_cpu=0.0)
+    simulation.planner.capacity()  # samples the machine while no stream runs
+    machine.run(1.0, process_cpu=0.0)
+    assert simulation.planner.capacity() < idle

@@ -6,6 +6,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from kfgan_daemon.face.detector import FaceBox
+from kfgan_daemon.face.landmarks import PREDICTOR_BOX
 from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.frame import DecodedFrame
@@ -29,12 +31,17 @@ class ScriptedTracker:
     def __init__(self, script: list[np.ndarray | None]) -> None:
         self.script = list(script)
         self.source: str | None = None
+        self.landmarks: np.ndarray | None = None
 
     def update(self, luma: np.ndarray) -> np.ndarray | None:
         assert luma.ndim == 2, "the tracker is given the Y plane"
-        landmarks = self.script.pop(0)
-        self.source = None if landmarks is None else "followed"
-        return landmarks
+        self.landmarks = self.script.pop(0)
+        self.source = None if self.landmarks is None else "followed"
+        return self.landmarks
+
+    @property
+    def face_box(self) -> FaceBox | None:
+        return None if self.landmarks is None else PREDICTOR_BOX.box_for(self.landmarks)
 
 
 def _frame(index: int, keyframe: bool) -> DecodedFrame:

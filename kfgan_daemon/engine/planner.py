@@ -79,6 +79,15 @@ DEFAULT_GENERATOR_SECONDS = 0.03
 # The per-frame CPU cost is the BASE_QUANTILE of the last BASE_WINDOW periods' measurements.
 BASE_WINDOW = 8
 BASE_QUANTILE = 0.25
+# A stream's costs are known once it ran this many planning periods; until then the
+# engine admits no other stream (each one's real cost may be far from the priors).
+SETTLE_PERIODS = 3
+# Capacity keeps this share of what the estimate says fits: a caller adds more than its own
+# stream (its peer may share the machine, its first seconds cost more), and one stream too many
+# starves every call of restorations, where one too few only sends a caller elsewhere.
+ADMISSION_MARGIN = 0.85
+# Capacity is the lowest estimate of the last ESTIMATE_WINDOW planning periods.
+ESTIMATE_WINDOW = 6
 # Fewer frames than this in a planning period say too little about the per-frame cost.
 MIN_FRAMES_TO_MEASURE = 10
 
@@ -144,7 +153,9 @@ class StreamPlan:
     """One stream's part of the plan: its frame rate, its share of restored frames, and the credit
     that spaces them evenly."""
 
-    __slots__ = ("id", "interval", "last_arrival", "pixels", "share", "credit", "stage_cpu", "chosen", "late", "frames")
+    __slots__ = (
+        "id", "interval", "last_arrival", "pixels", "share", "credit", "stage_cpu", "chosen", "late", "frames", "periods"
+    )
 
     def __init__(self, stream_id: str) -> None:
         self.id = stream_id
@@ -157,6 +168,7 @@ class StreamPlan:
         self.chosen = 0  # restorations started in the current period
         self.late = 0  # ... of which missed their deadline
         self.frames = 0  # frames arrived in the current period
+        self.periods = 0  # planning periods in which its frames were measured
 
     @property
     def fps(self) -> float:
@@ -212,6 +224,7 @@ class CadencePlanner:
         self._others = Ewma(0.3)  # cores other programs use
         self._restoration_cpu = 0.0  # CPU seconds spent restoring in the current period
         self._generator_busy = 0.0  # wall seconds the generator ran in the current period
+        self._estimates: deque[int] = deque(maxlen=ESTIMATE_WINDOW)  # capacity, as of the last periods
         # (chosen, late) restorations of the last planning periods
         self._outcomes: deque[tuple[int, int]] = deque(maxlen=LATE_WINDOW)
         self.rate = 0.0  # crops per second planned over all streams
@@ -354,9 +367,14 @@ class CadencePlanner:
             self._adjust_trim(streams, sample)
             self._period_start = now
             for plan in streams:
+                plan.periods += plan.frames >= MIN_FRAMES_TO_MEASURE // 2
                 plan.chosen = plan.late = plan.frames = 0
             self._restoration_cpu = 0.0
             self._generator_busy = 0.0
+            if streams:
+                self._estimates.append(self._estimate_locked(streams))
+            else:
+                self._estimates.clear()
         if not streams:
             self.rate = 0.0
             self.limited_by = "none"
@@ -460,7 +478,27 @@ class CadencePlanner:
         return max(generator, prepare + complete + generator - saved)
 
     def _capacity_locked(self) -> int:
+        """The streams that fit; while the newest stream is not yet measured, no more than are open: callers
+        who come at once are admitted one by one, each once the last one's real cost is known."""
         streams = list(self._streams.values())
+        if not streams:
+            self._sample_idle_machine()
+        # The lowest of the recent estimates: a calm moment in a busy call must not admit one too many.
+        estimate = min([self._estimate_locked(streams), *(self._estimates if streams else ())])
+        if any(plan.periods < SETTLE_PERIODS for plan in streams):
+            return min(estimate, len(streams))
+        return estimate
+
+    def _sample_idle_machine(self) -> None:
+        """With no stream to plan, still follow what other programs use (a browser opened on the box)."""
+        now = self._clock()
+        if now - self._period_start >= self.settings.plan_interval:
+            sample = self.machine.sample()
+            if sample is not None:
+                self._others.add(sample.others)
+            self._period_start = now
+
+    def _estimate_locked(self, streams: list[StreamPlan]) -> int:
         measured = [plan for plan in streams if plan.interval.value is not None]
         if measured:
             fps = sum(plan.fps for plan in measured) / len(measured)
@@ -475,7 +513,7 @@ class CadencePlanner:
         by_cpu = self._available_cores() / max(per_stream, 1e-9)
         batch = min(max(1, len(streams)), self.settings.max_batch)
         by_generator = GENERATOR_TARGET / max(fps * share * self._generator_seconds(batch), 1e-9)
-        return max(1, math.floor(min(by_cpu, by_generator)))
+        return max(1, math.floor(ADMISSION_MARGIN * min(by_cpu, by_generator)))
 
 
 _RESTORATION_STAGES = frozenset({"prepare", "complete"})

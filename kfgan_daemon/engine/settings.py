@@ -48,7 +48,7 @@ class EngineSettings:
     # whose face was followed, if that frame is at most this many frames older, instead of
     # following its own face first (7-13 ms of a face thread at 720p, time the next restorable
     # frame needs). Measured on the 7 held-out clips (bench --carry-forward, CRF 42, every 2nd to
-    # 5th frame restored): unfollowed carries keep +0.01 to +0.03 dB more face PSNR and 1-2% less
+    # 5th frame restored): unfollowed carries keep -0.002 to +0.03 dB more face PSNR and 1-2% less
     # flicker than following every face; 0 follows every such frame's face when there is time.
     unfollowed_carry_frames: int = 4
     target_busy: float = 0.85

@@ -125,7 +125,7 @@ class ModelProcess:
         write_message(process.stdin, (self.factory, self.args, self.niceness))
         self._process = process
         self._reader = threading.Thread(
-            target=self._read_answers, args=(process,), name=f"kfgan-child-{self.factory}", daemon=True
+            target=self._read_answers, args=(process,), name=f"kfgan-child-{self.factory.rpartition(':')[2]}", daemon=True
         )
         self._reader.start()
         return process

@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(4, ge=1, le=64, description="largest generator batch across streams")
     max_batch_wait_ms: float = Field(5.0, ge=0.0, le=100.0, description="how long the inference worker waits to fill a batch")
+    min_restored_share: float = Field(
+        0.2, gt=0.0, le=1.0,
+        description='the cadence a call must get, as the share of its frames restored: what "auto" capacity admits by',
+    )
+    target_busy: float = Field(
+        0.85, gt=0.0, le=1.0, description="share of the usable cores the live plan keeps busy (the rest is headroom)"
+    )
 
     # per-stream restoration
     detector: Literal["hog", "cnn"] = "hog"

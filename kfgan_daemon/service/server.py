@@ -103,6 +103,8 @@ def engine_settings(settings: Settings) -> EngineSettings:
         max_batch=settings.max_batch,
         max_batch_wait=settings.max_batch_wait_ms / 1000,
         max_latency=settings.max_latency_ms / 1000,
+        min_restored_share=settings.min_restored_share,
+        target_busy=settings.target_busy,
         # Under "auto" the service admits by the engine's measured capacity (service.capacity).
         max_streams=None if settings.max_streams == "auto" else settings.max_streams,
     )

@@ -313,7 +313,7 @@ def _video_sections(sdp: str) -> int:
         description = SessionDescription.parse(sdp)
     except Exception as exc:
         raise OfferError(f"the offer's SDP cannot be parsed: {_describe(exc)}", reason="bad_sdp") from None
-    count = sum(1 for media in description.media if media.kind == "video" and media.direction in _CALLER_SENDS)
+    count = sum(1 for media in description.media if media.kind == "video" and _caller_sends(media.direction))
     if count == 0:
         raise OfferError("the offer sends no video; send at least one video track", reason="no_video")
     return count
@@ -321,6 +321,11 @@ def _video_sections(sdp: str) -> int:
 
 # Directions of an offer's section in which the caller sends media.
 _CALLER_SENDS = ("sendrecv", "sendonly")
+
+
+def _caller_sends(direction: str | None) -> bool:
+    """A section without a direction attribute is sendrecv (RFC 4566, section 6)."""
+    return direction is None or direction in _CALLER_SENDS
 
 
 def _send_received_views(session: PeerSession, sdp: str) -> None:
