@@ -167,7 +167,15 @@ async def test_real_face_is_restored_in_place(media_dir: Path) -> None:
             await asyncio.wait_for(track.recv(), 30)
             assert time.monotonic() < deadline, f"no face restored: {track.stream.info()}"
         inputs = {frame.pts: frame for frame in link.spy.frames}
-        frame, _ = next((f, o) for f, o in outcomes if o is Outcome.RESTORED)
+
+        def changed(restored_frame: av.VideoFrame) -> float:
+            after = DecodedFrame.from_av(restored_frame).y.astype(np.int16)
+            return float((np.abs(after - DecodedFrame.from_av(inputs[restored_frame.pts]).y) > 12).mean())
+
+        # Which frames are restored first depends on the plan and on when the identity check of the
+        # face found afresh answers; a restored frame after a still one changes little where the
+        # codec repeated pixels (repeat_update), so the one that changed most is looked at.
+        frame = max((f for f, o in outcomes if o is Outcome.RESTORED), key=changed)
         source = inputs[frame.pts]
         assert frame is not source and frame.time_base == source.time_base
         assert (frame.width, frame.height) == (source.width, source.height)
