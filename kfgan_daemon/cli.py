@@ -25,16 +25,21 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+# Choices are typed, so a value not among them exits 2 at once, naming the option, before anything
+# heavy loads. Spelled out here rather than imported: the modules that define them import torch or dlib.
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"]
+OverloadPolicyChoice = Literal["passthrough", "drop"]
+
 CheckpointOpt = Annotated[
     Optional[Path],
     typer.Option("--checkpoint", "-c", help="Generator checkpoint (.safetensors or the published .pth); default: the shipped guided model (models/kfgan-guided.safetensors)."),
 ]
-VariantOpt = Annotated[Optional[str], typer.Option(help="Architecture of the checkpoint: full, guided or lite (default: from the file).")]
+VariantOpt = Annotated[Optional[Literal["full", "guided", "lite"]], typer.Option(help="Architecture of the checkpoint: full, guided or lite (default: from the file).")]
 DeviceOpt = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")]
 HalfOpt = Annotated[bool, typer.Option("--half", help="Half precision (CUDA only).")]
-DetectorOpt = Annotated[str, typer.Option(help="Face detector: hog (fast) or cnn (dlib mmod, slow on CPU).")]
+DetectorOpt = Annotated[Literal["hog", "cnn"], typer.Option(help="Face detector: hog (fast) or cnn (dlib mmod, slow on CPU).")]
 RuntimeOpt = Annotated[
-    str, typer.Option(help="Generator runtime: torch, or onnxruntime (CPU; needs the [onnx] extra).")
+    Literal["torch", "onnxruntime"], typer.Option(help="Generator runtime: torch, or onnxruntime (CPU; needs the [onnx] extra).")
 ]
 VideoArg = Annotated[
     Path,
@@ -97,7 +102,7 @@ def restore(
             "restoration did not touch decodes bit-identical to the input.",
         ),
     ] = False,
-    preset: Annotated[str, typer.Option(help="libx264 preset.")] = "medium",
+    preset: Annotated[X264Preset, typer.Option(help="libx264 preset.")] = "medium",
     paste_mode: Annotated[
         Literal["correction", "replace"],
         typer.Option(
@@ -148,8 +153,8 @@ def restore(
     ] = None,
     detector: DetectorOpt = "hog",
     keyframes: Annotated[int, typer.Option(min=1, help="Keyframe store size.")] = 10,
-    policy: Annotated[str, typer.Option(help="Keyframe policy: lfu or max_distance.")] = "lfu",
-    warp: Annotated[str, typer.Option(help="MLS warp: fast or published.")] = "fast",
+    policy: Annotated[Literal["lfu", "max_distance"], typer.Option(help="Keyframe policy: lfu or max_distance.")] = "lfu",
+    warp: Annotated[Literal["fast", "published"], typer.Option(help="MLS warp: fast or published.")] = "fast",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Restore the speaker's face in a recorded call."""
@@ -213,9 +218,9 @@ def bench(
     seconds: Annotated[float, typer.Option(min=1.0, help="Live mode: seconds measured after a 2 s warm-up.")] = 10.0,
     fps: Annotated[Optional[float], typer.Option(min=1.0, help="Live mode: sending rate (default: the clip's).")] = None,
     size: Annotated[Optional[str], typer.Option(help="Live mode: WIDTHxHEIGHT to scale the clip to, e.g. 1280x720.")] = None,
-    policy: Annotated[str, typer.Option(help="Live mode: overload policy, passthrough or drop.")] = "passthrough",
+    policy: Annotated[OverloadPolicyChoice, typer.Option(help="Live mode: overload policy, passthrough or drop.")] = "passthrough",
     runtime: RuntimeOpt = "torch",
-    preset: Annotated[str, typer.Option(help="Live mode: libx264 preset of the pipe's output.")] = "superfast",
+    preset: Annotated[X264Preset, typer.Option(help="Live mode: libx264 preset of the pipe's output.")] = "superfast",
     streams: Annotated[int, typer.Option(min=1, help="Live mode: cameras sending at once, through one engine.")] = 1,
     carry_forward: Annotated[
         bool,
@@ -319,14 +324,14 @@ def pipe(
     crf: Annotated[int, typer.Option(min=0, max=51, help="libx264 CRF of the RTP output.")] = 23,
     bitrate: Annotated[Optional[int], typer.Option(min=1, help="Output bitrate in bit/s instead of CRF.")] = None,
     gop: Annotated[Optional[int], typer.Option(min=1, help="Output keyframe interval in frames.")] = None,
-    policy: Annotated[str, typer.Option(help="When restoration falls behind: passthrough or drop.")] = "passthrough",
-    loss_policy: Annotated[str, typer.Option(help="On packet loss: conceal, or wait_keyframe.")] = "conceal",
+    policy: Annotated[OverloadPolicyChoice, typer.Option(help="When restoration falls behind: passthrough or drop.")] = "passthrough",
+    loss_policy: Annotated[Literal["conceal", "wait_keyframe"], typer.Option(help="On packet loss: conceal, or wait_keyframe.")] = "conceal",
     silence_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds without packets before the sender counts as silent.")] = 2.0,
     max_latency_ms: Annotated[Optional[float], typer.Option(min=1.0, help="Latency restoration may add before a frame goes out unrestored (default 80).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
     detector: DetectorOpt = "hog",
     runtime: RuntimeOpt = "torch",
-    preset: Annotated[str, typer.Option(help="libx264 preset of the RTP output.")] = "superfast",
+    preset: Annotated[X264Preset, typer.Option(help="libx264 preset of the RTP output.")] = "superfast",
 ) -> None:
     """Restore an H.264 RTP stream: SDP in, RTP (with its SDP) or y4m on stdout out."""
     from kfgan_daemon.engine import EngineSettings, run_async
@@ -446,7 +451,7 @@ def fit_detail(
 def fit_strength(
     config: Annotated[Path, typer.Option("--config", exists=True, dir_okay=False, readable=True, help="Training configuration whose [data] dir holds the built dataset, e.g. configs/guided-flow.toml.")],
     model: Annotated[Path, typer.Option("--model", exists=True, dir_okay=False, writable=True, help="Our .safetensors model to fit and store the strength in (its generator weights stay as they are).")],
-    split: Annotated[str, typer.Option(help="Dataset split to fit on: validation (persons the generator never trained on, like the callers it restores) or train (its corrections are better there than on anyone new).")] = "validation",
+    split: Annotated[Literal["validation", "train"], typer.Option(help="Dataset split to fit on: validation (persons the generator never trained on, like the callers it restores) or train (its corrections are better there than on anyone new).")] = "validation",
 ) -> None:
     """Fit the model's gain on its correction by the frame's quantiser and store it in the model."""
     from kfgan_daemon.model import attach_quantiser_strength
@@ -471,7 +476,7 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Where eval.json, eval.md and grid.png go.")] = Path("eval-report"),
     crf: Annotated[int, typer.Option(min=0, max=51, help="CRF of the degraded stream.")] = 42,
     model: Annotated[Optional[list[str]], typer.Option("--model", help="PATH or NAME=PATH; repeat. Default: the shipped model.")] = None,
-    reference_mode: Annotated[str, typer.Option(help="hq (keyframes from the original) or stream (decoded I-frames).")] = "hq",
+    reference_mode: Annotated[Literal["hq", "stream"], typer.Option(help="hq (keyframes from the original) or stream (decoded I-frames).")] = "hq",
     max_frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per clip at most.")] = None,
     device: DeviceOpt = "cpu",
     vmaf: Annotated[bool, typer.Option("--vmaf", help="Add VMAF and VMAF-NEG (needs the optional vmaf-torch); "

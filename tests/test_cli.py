@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import av
+import pytest
 import numpy as np
 from typer.testing import CliRunner
 
@@ -131,3 +132,40 @@ def test_compare_picks_the_panels_and_needs_an_original_for_one(tmp_path: Path) 
     assert result.exit_code == 2 and "needs --degrade-crf" in result.output
     result = CliRunner().invoke(app, ["restore", str(clip), str(out), "--snapshot", "2", "-q"])
     assert result.exit_code == 2 and "a snapshot is written as a .png" in result.output
+
+
+CHOICE_CODE = """
+import sys
+from kfgan_daemon.cli import app
+try:
+    app(sys.argv[1:], prog_name="kfgan-daemon")
+except SystemExit as exc:
+    print("exit", exc.code, "torch loaded" if "torch" in sys.modules else "torch not loaded")
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["restore", "{clip}", "{out}", "--policy", "nonsense"], "--policy"),
+        (["restore", "{clip}", "{out}", "--warp", "nonsense"], "--warp"),
+        (["restore", "{clip}", "{out}", "--detector", "nonsense"], "--detector"),
+        (["restore", "{clip}", "{out}", "--preset", "nonsense"], "--preset"),
+        (["restore", "{clip}", "{out}", "--variant", "nonsense"], "--variant"),
+        (["bench", "{clip}", "--policy", "nonsense"], "--policy"),
+        (["bench", "{clip}", "--runtime", "nonsense"], "--runtime"),
+        (["pipe", "--input", "{sdp}", "--output", "-", "--policy", "nonsense"], "--policy"),
+        (["pipe", "--input", "{sdp}", "--output", "-", "--loss-policy", "nonsense"], "--loss-policy"),
+    ],
+)
+def test_a_value_not_among_an_options_choices_exits_2_naming_it_before_anything_loads(
+    tmp_path: Path, command: list[str], option: str
+) -> None:
+    files = {"clip": tmp_path / "in.mp4", "out": tmp_path / "out.mp4", "sdp": tmp_path / "in.sdp"}
+    files["clip"].write_bytes(b"\0")
+    files["sdp"].write_text("v=0\n")
+    args = [part.format(**{name: str(path) for name, path in files.items()}) for part in command]
+    done = subprocess.run([sys.executable, "-c", CHOICE_CODE, *args], capture_output=True, text=True, timeout=60)
+    assert "exit 2 torch not loaded" in done.stdout, done.stdout + done.stderr
+    assert f"Invalid value for '{option}'" in done.stderr and "nonsense" in done.stderr
+    assert not files["out"].exists()
