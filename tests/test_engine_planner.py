@@ -9,7 +9,7 @@ import pytest
 
 from kfgan_daemon.engine import EngineSettings
 from kfgan_daemon.engine.machine import LoadSample, MachineLoad, usable_cores
-from kfgan_daemon.engine.planner import ADMISSION_MARGIN, RATE_FLOOR, CadencePlanner, _water_fill
+from kfgan_daemon.engine.planner import ADMISSION_MARGIN, RATE_FLOOR, CadencePlanner, StreamPlan, _water_fill
 
 HD = 1280 * 720
 
@@ -105,11 +105,16 @@ def test_water_filling_shares_fairly_and_gives_what_one_cannot_use_to_the_others
     assert _water_fill([25.0, 30.0], 100.0) == [1.0, 1.0]
 
 
-def test_a_share_becomes_an_evenly_spaced_subset_of_frames() -> None:
+def _plan_with_share(share: float) -> tuple[Simulation, StreamPlan]:
+    """A stream "a" whose share is set by hand, with no turn in hand."""
     simulation = Simulation({"a": 25.0})
     plan = simulation.planner._streams["a"]
-    plan.share = 0.4
-    plan.credit = 0.0
+    plan.share, plan.credit = share, 0.0
+    return simulation, plan
+
+
+def test_a_share_becomes_an_evenly_spaced_subset_of_frames() -> None:
+    _, plan = _plan_with_share(0.4)
     turns = [plan.take_turn() for _ in range(50)]
     assert sum(turns) == 20
     chosen = [i for i, turn in enumerate(turns) if turn]
@@ -177,10 +182,7 @@ def test_an_overloaded_machine_still_restores_some_frames_of_every_stream() -> N
 
 
 def test_a_refused_turn_passes_to_the_next_frame() -> None:
-    simulation = Simulation({"a": 25.0})
-    plan = simulation.planner._streams["a"]
-    plan.share = 0.25
-    plan.credit = 0.0
+    simulation, plan = _plan_with_share(0.25)
     turns = [plan.take_turn() for _ in range(4)]
     assert turns == [False, False, False, True]
     simulation.planner.give_back("a")
