@@ -19,14 +19,16 @@ The rate comes from a model, trimmed by feedback:
   generator's wall time per crop (one inference thread), and the cores left
   by other programs on the machine (``engine.machine``). Until streams have
   run, priors scaled from the generator's speed measured at warm-up stand in;
-- the feedback: frames chosen for restoration that still missed their
-  deadline (the machine slowed, a hiccup) shrink the rate at once; clean
-  periods let it grow back slowly.
+- the feedback: planned restorations that still missed their deadline (the
+  machine slowed, a hiccup), judged over the last two seconds, shrink the
+  rate; clean periods let it grow back slowly.
 
 The same numbers give the capacity: how many streams like the ones open (or,
 before any, like ``capacity_reference``) fit at the acceptable cadence
-(``min_restored_share``). Everything here is synchronous and takes its clock
-and machine as arguments, so tests drive it with scripted costs.
+(``min_restored_share``), with a margin in hand; streams are admitted one at a
+time, each once the previous one's real cost is measured. Everything here is
+synchronous and takes its clock and machine as arguments, so tests drive it
+with scripted costs.
 """
 from __future__ import annotations
 
