@@ -19,16 +19,15 @@ import torch
 from kfgan_daemon.face import crop_footprint, mls_warp
 from kfgan_daemon.face.models import warm_face_models
 from kfgan_daemon.media import DecodedFrame, FileSink, FileSource
-from kfgan_daemon.restore.generator import CropGenerator
+from kfgan_daemon.restore.generator import SPEED_CALLS, CropGenerator, seconds_per_crop
 from kfgan_daemon.restore.job import FaceJob
 from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.restore.stream import StreamRestorer
+from kfgan_daemon.restore.timing import median_seconds
 
 # Stages every face frame pays; "identity" (a face descriptor) runs only on I-frames and new faces.
 FACE_STAGES = ("track", "align", "select", "warp", "paste")
 STAGE_ORDER = ("decode", "track", "align", "identity", "select", "warp", "generator", "native_detail", "paste", "encode")
-# Batch-1 generator calls timed for the machine's speed: enough for a steady median, about a second with the lite model.
-MACHINE_CALLS = 10
 
 
 @dataclass
@@ -84,18 +83,12 @@ class BenchReport:
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(samples))
+    return 1000.0 * median_seconds(fn, repeats)
 
 
 def describe_machine_speed(ms: float) -> str:
     """The one-thread generator figure as both benches print it."""
-    return f"generator {ms:.1f} ms per crop on one torch thread (batch 1, median of {MACHINE_CALLS} calls)"
+    return f"generator {ms:.1f} ms per crop on one torch thread (batch 1, median of {SPEED_CALLS} calls)"
 
 
 def measure_generator_ms_one_thread(generator: Callable[[Sequence[FaceJob]], list[np.ndarray]]) -> float:
@@ -105,15 +98,10 @@ def measure_generator_ms_one_thread(generator: Callable[[Sequence[FaceJob]], lis
     is set back to what it was afterwards. A generator under ONNX Runtime runs on
     its own configured threads (one unless asked otherwise).
     """
-    rng = np.random.default_rng(0)
-    # Noise rather than zeros, so that no content-dependent shortcut makes the call cheaper than a face's.
-    crop = rng.integers(0, 256, (256, 256, 3), np.uint8)
-    reference = rng.integers(0, 256, (256, 256, 3), np.uint8)
-    job = FaceJob(crop, reference, np.zeros_like(crop), np.eye(2, 3), np.zeros((68, 2), np.int64), -1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _median_ms(lambda: generator([job]), MACHINE_CALLS)
+        return 1000.0 * seconds_per_crop(generator)
     finally:
         torch.set_num_threads(threads)
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from kfgan_daemon.bench import MACHINE_CALLS, measure_generator_ms_one_thread
+from kfgan_daemon.bench import measure_generator_ms_one_thread
 from kfgan_daemon.model.lite import LiteGenerator
 from kfgan_daemon.restore import CropGenerator
+from kfgan_daemon.restore.generator import SPEED_CALLS
 from kfgan_daemon.restore.job import FaceJob
 
 
@@ -25,7 +26,7 @@ def test_generator_is_timed_on_one_thread_and_the_thread_count_is_given_back() -
     before = torch.get_num_threads()
     ms = measure_generator_ms_one_thread(recording)
     assert ms > 0
-    assert seen == [(1, 1)] * (MACHINE_CALLS + 1)  # batch 1, one thread, one unmeasured call first
+    assert seen == [(1, 1)] * (SPEED_CALLS + 1)  # batch 1, one thread, one unmeasured call first
     assert torch.get_num_threads() == before
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import statistics
 import threading
-import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -337,19 +335,14 @@ def _warm_face_models(settings: "RestoreSettings | None", face_threads: int) -> 
     )
 
 
-def _time_generator(generator: BatchGenerator, calls: int = 5) -> float | None:
-    """Median seconds of one crop through ``generator`` on the calling thread (the inference
-    worker's), or None for a generator that cannot make a blank job of its own."""
-    warm_up = getattr(generator, "warm_up", None)
-    if warm_up is None:
+def _time_generator(generator: BatchGenerator) -> float | None:
+    """Seconds per crop of ``generator`` on the calling thread (the inference worker's), or None for
+    one that is not a generator of face jobs (a test's double, which warm_up marks)."""
+    from kfgan_daemon.restore.generator import seconds_per_crop
+
+    if getattr(generator, "warm_up", None) is None:
         return None
-    warm_up(1)  # lazy initialisation is not the generator's speed
-    seconds = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        warm_up(1)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return seconds_per_crop(generator)
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:

@@ -8,7 +8,7 @@ that the generator leaves almost unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,23 @@ from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.face.reference_flow import refined_references
 from kfgan_daemon.model.quantiser_strength import QuantiserStrength, scale_corrections
 from kfgan_daemon.restore.job import FaceJob
+from kfgan_daemon.restore.timing import median_seconds
+
+# Batch-1 calls behind the machine's speed figure (seconds_per_crop): enough for a steady
+# median, about a second with the lite model.
+SPEED_CALLS = 10
+
+
+def seconds_per_crop(generator: Callable[[Sequence[FaceJob]], list[np.ndarray]]) -> float:
+    """Median seconds of a batch-1 call of ``generator`` on the calling thread (its torch thread
+    settings apply): the machine's speed, the figure the live plan starts from and benches quote.
+    The crops are noise rather than zeros, so that no content-dependent shortcut makes the call
+    cheaper than a face's."""
+    rng = np.random.default_rng(0)
+    crop = rng.integers(0, 256, (256, 256, 3), np.uint8)
+    reference = rng.integers(0, 256, (256, 256, 3), np.uint8)
+    job = FaceJob(crop, reference, np.zeros_like(crop), np.eye(2, 3), np.zeros((68, 2), np.int64), -1)
+    return median_seconds(lambda: generator([job]), SPEED_CALLS)
 
 
 def crops_to_tensor(crops: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
