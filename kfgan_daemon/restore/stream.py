@@ -262,6 +262,14 @@ class StreamRestorer:
         self._correction = _Correction(restored_crop, job.compressed, job.store_epoch, stream_time(frame))
         return restored
 
+    def _carriable_correction(self) -> _Correction | None:
+        """The last restored correction, if it is of the store's person and no face that appeared
+        afresh is waiting for its identity check (its age is judged by each caller)."""
+        correction = self._correction
+        if correction is None or correction.store_epoch != self.store_epoch or self.identity.checking_new_face:
+            return None
+        return correction
+
     def remember(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> None:
         """Keep a crop that was restored too late to be pasted into its own frame as the correction
         to carry onto the next frames (unless a newer one is kept already)."""
@@ -276,8 +284,8 @@ class StreamRestorer:
         of this person, and the last frame that left was at most half of ``carry_forward_seconds`` after
         it. Past that the live engine restores the next frame it can instead of planning a carry, so that
         a stream restored sparsely never runs out of correction and alternates with unrestored frames."""
-        correction = self._correction
-        if correction is None or correction.store_epoch != self.store_epoch or self.identity.checking_new_face:
+        correction = self._carriable_correction()
+        if correction is None:
             return False
         emitted = self._emitted
         if emitted is None:
@@ -294,15 +302,10 @@ class StreamRestorer:
         an old restored face pasted whole would show the old expression. Without ``matrix``
         (no time to follow this frame's face) the last followed frame's alignment is used.
         """
-        correction = self._correction
+        correction = self._carriable_correction()
         if matrix is None:
             matrix = self._last_matrix
-        if (
-            correction is None
-            or matrix is None
-            or correction.store_epoch != self.store_epoch
-            or self.identity.checking_new_face
-        ):
+        if correction is None or matrix is None:
             return None
         if abs(stream_time(frame) - correction.time) > self.settings.carry_forward_seconds:
             return None
