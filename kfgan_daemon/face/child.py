@@ -11,49 +11,29 @@ script without a ``__main__`` guard and any program read from standard input,
 and a fork would inherit torch's thread pools in whatever state they were. The
 child builds one model with a factory named ``module:function`` and answers
 calls on it in order; requests and answers travel over its standard input and
-output as length-prefixed pickles (between this module and itself only).
+output as ``kfgan_daemon.ipc`` messages.
 """
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import struct
 import subprocess
 import sys
 import threading
 from collections import deque
 from concurrent.futures import Future
-from typing import IO, Any
+from typing import Any
 
 from kfgan_daemon.errors import KfganError
+from kfgan_daemon.ipc import read_message, write_message
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("!I")
 PING = ""  # a call that only waits for the model to be built
 
 
 class ModelProcessError(KfganError, RuntimeError):
     """The child process failed to start its model, or died."""
-
-
-def write_message(stream: IO[bytes], message: object) -> None:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(payload)) + payload)
-    stream.flush()
-
-
-def read_message(stream: IO[bytes]) -> Any:
-    """The next message, or raises EOFError when the other side has closed."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        raise EOFError
-    (size,) = _HEADER.unpack(header)
-    payload = stream.read(size)
-    if len(payload) < size:
-        raise EOFError
-    return pickle.loads(payload)
 
 
 class ModelProcess:

@@ -9,15 +9,14 @@ import importlib
 import os
 import sys
 
-from kfgan_daemon.face.child import PING, read_message, write_message
+from kfgan_daemon.face.child import PING
+from kfgan_daemon.ipc import own_stdout, read_message, write_message
 
 
 def serve() -> None:
     """Build the model, then answer calls until standard input closes."""
     requests = sys.stdin.buffer
-    # Answers own the real standard output; anything a library prints goes to standard error.
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    answers = own_stdout()
     factory, args, niceness = read_message(requests)
     if niceness:
         try:

@@ -13,20 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pickle
 import signal
-import struct
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import av
 
 from kfgan_daemon.errors import InputError, KfganError
+from kfgan_daemon.ipc import encode_message, own_stdout, read_message, read_message_async, write_message
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.bitstream import NalType, h264_access_unit_is_intra, nal_type, split_annexb
 from kfgan_daemon.media.rtp.h264 import H264Packetizer
@@ -284,8 +283,7 @@ class RtpClipSenderProcess:
 
     async def _send(self, message: object) -> None:
         assert self._process is not None and self._process.stdin is not None, "use 'async with RtpClipSenderProcess(...)'"
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self._process.stdin.write(_HEADER.pack(len(payload)) + payload)
+        self._process.stdin.write(encode_message(message))
         try:
             await self._process.stdin.drain()
         except ConnectionError as exc:
@@ -294,40 +292,16 @@ class RtpClipSenderProcess:
     async def _receive(self) -> Any:
         assert self._process is not None and self._process.stdout is not None
         try:
-            (size,) = _HEADER.unpack(await self._process.stdout.readexactly(_HEADER.size))
-            return pickle.loads(await self._process.stdout.readexactly(size))
-        except asyncio.IncompleteReadError as exc:
+            return await read_message_async(self._process.stdout)
+        except EOFError as exc:
             raise CameraProcessError(
                 f"the camera process ended without reporting (exit code {await self._process.wait()})"
             ) from exc
 
 
-# The camera process's messages, both ways: a 4-byte big-endian length, then a pickle (between
-# this module and itself only). In: the sender, then the play's options; out: the pid, then the report.
-_HEADER = struct.Struct("!I")
+# The camera process's messages (kfgan_daemon.ipc). In: the sender, then the play's options;
+# out: the pid, then the report.
 _CAMERA_MODULE = "kfgan_daemon.rtpapps.clipsender"
-
-
-def _read_message(fd: int) -> Any:
-    """The next message on ``fd``; EOFError when the parent closed it."""
-
-    def exactly(size: int) -> bytes:
-        data = bytearray()
-        while len(data) < size:
-            chunk = os.read(fd, size - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return bytes(data)
-
-    (size,) = _HEADER.unpack(exactly(_HEADER.size))
-    return pickle.loads(exactly(size))
-
-
-def _write_message(stream: BinaryIO, message: object) -> None:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(payload)) + payload)
-    stream.flush()
 
 
 def _camera_main() -> None:
@@ -335,20 +309,21 @@ def _camera_main() -> None:
     # Ctrl-C reaches the whole process group; the parent answers it by stopping this process,
     # and a second traceback from here would only hide the parent's.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The messages get stdout's pipe to themselves; anything a library prints goes to stderr.
-    messages = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    messages = own_stdout()
     stdin = sys.stdin.fileno()
+    # Unbuffered: nothing may be read ahead of the messages, so that the play can watch the
+    # descriptor itself for the parent closing it.
+    requests = open(stdin, "rb", buffering=0, closefd=False)
     with messages:
         try:
-            sender = _read_message(stdin)
-            _write_message(messages, os.getpid())
-            options = _read_message(stdin)
+            sender = read_message(requests)
+            write_message(messages, os.getpid())
+            options = read_message(requests)
         except EOFError:
             return
         report = asyncio.run(_play(sender, stdin, options))
         if report is not None:
-            _write_message(messages, report)
+            write_message(messages, report)
 
 
 async def _play(sender: RtpClipSender, stdin: int, options: dict[str, Any]) -> PlayReport | None:
