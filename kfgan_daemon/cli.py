@@ -165,14 +165,15 @@ def restore(
         raise typer.BadParameter(f"{output}: a snapshot is written as a .png", param_hint="OUTPUT")
     if snapshot_width is not None and snapshot is None:
         raise typer.BadParameter("only a snapshot has a width of its own; add --snapshot N", param_hint="--snapshot-width")
-    from kfgan_daemon.restore.file_job import EncodeOptions, restore_file
+    from kfgan_daemon.media.x264 import EncodeOptions
+    from kfgan_daemon.restore.file_job import restore_file
     from kfgan_daemon.restore.model_choice import open_generator
     from kfgan_daemon.restore.settings import RestoreSettings
 
     settings = RestoreSettings(
         detector=detector, keyframe_store_size=keyframes, keyframe_policy=policy, warp_mode=warp, paste_mode=paste_mode
     )
-    generator = open_generator(checkpoint, variant=variant, device=device, half=half)
+    generator = open_generator(checkpoint, variant=variant, device=device, half=half, settings=settings)
     encode = EncodeOptions(crf=crf, bitrate=bitrate, preset=preset, lossless=lossless)
     if side_by_side or panels is not None or snapshot is not None:
         from kfgan_daemon.eval.comparison import write_comparison
@@ -230,17 +231,20 @@ def bench(
     """Per-stage milliseconds and FPS of the restoration path on a clip; with --live, added latency through `pipe`."""
     _require_video(clip)
     from kfgan_daemon.restore.model_choice import open_generator
+    from kfgan_daemon.restore.settings import RestoreSettings
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    generator = open_generator(checkpoint, variant=variant, device=device, half=half, runtime=runtime)
+    settings = RestoreSettings(detector=detector)
+    generator = open_generator(checkpoint, variant=variant, device=device, half=half, runtime=runtime, settings=settings)
     if live:
+        from dataclasses import replace
+
         from kfgan_daemon.engine import run_async
         from kfgan_daemon.rtpapps.livebench import live_bench
-        from kfgan_daemon.rtpapps.pipe import EncoderOptions
-        from kfgan_daemon.restore.settings import RestoreSettings
+        from kfgan_daemon.rtpapps.pipe import PIPE_ENCODE
 
         result = run_async(
             live_bench(
@@ -250,8 +254,8 @@ def bench(
                 fps,
                 size=_parse_size(size),
                 policy=policy,
-                restore_settings=RestoreSettings(detector=detector),
-                output_encoder=EncoderOptions(preset=preset),
+                restore_settings=settings,
+                output_encoder=replace(PIPE_ENCODE, preset=preset),
                 streams=streams,
             )
         )
@@ -259,9 +263,8 @@ def bench(
         return
     if carry_forward:
         from kfgan_daemon.eval.carry_forward import measure_carry_forward, render_rows
-        from kfgan_daemon.restore.settings import RestoreSettings
 
-        rows = measure_carry_forward(clip, generator, max_frames=frames, settings=RestoreSettings(detector=detector))
+        rows = measure_carry_forward(clip, generator, max_frames=frames, settings=settings)
         typer.echo(render_rows(rows, crf=42))
         return
     from kfgan_daemon.bench import run_offline_bench
@@ -311,6 +314,28 @@ def serve(
 
 
 @app.command()
+def janus(
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", exists=True, dir_okay=False, readable=True,
+                     help="TOML settings file with a [janus] table (see systemd/kfgan-janus.toml)."),
+    ] = None,
+    url: Annotated[Optional[str], typer.Option(help="Janus's HTTP API, e.g. http://127.0.0.1:8088/janus (overrides [janus] url).")] = None,
+    room: Annotated[Optional[list[int]], typer.Option(help="A VideoRoom to restore; repeat for several (overrides [janus] rooms).")] = None,
+) -> None:
+    """Restore every video publisher of Janus VideoRooms: each comes back into its room as "NAME (restored)"."""
+    from kfgan_daemon.engine import run_async
+    from kfgan_daemon.janus.attachment import run_janus
+    from kfgan_daemon.service.config import Settings
+    from kfgan_daemon.service.logs import configure_logging
+
+    given = {key: value for key, value in (("url", url), ("rooms", room)) if value}
+    settings = Settings.load(config, janus=given or None)
+    configure_logging(settings.log_level, settings.log_format)
+    run_async(run_janus(settings))
+
+
+@app.command()
 def pipe(
     input: Annotated[
         Path, typer.Option("--input", "-i", exists=True, dir_okay=False, readable=True, help="SDP file of the incoming H.264 RTP stream.")
@@ -327,7 +352,7 @@ def pipe(
     policy: Annotated[OverloadPolicyChoice, typer.Option(help="When restoration falls behind: passthrough or drop.")] = "passthrough",
     loss_policy: Annotated[Literal["conceal", "wait_keyframe"], typer.Option(help="On packet loss: conceal, or wait_keyframe.")] = "conceal",
     silence_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds without packets before the sender counts as silent.")] = 2.0,
-    max_latency_ms: Annotated[Optional[float], typer.Option(min=1.0, help="Latency restoration may add before a frame goes out unrestored (default 80).")] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option(min=1.0, help="Latency restoration may add before a frame goes out unrestored (default 120).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
     detector: DetectorOpt = "hog",
     runtime: RuntimeOpt = "torch",
@@ -335,23 +360,30 @@ def pipe(
 ) -> None:
     """Restore an H.264 RTP stream: SDP in, RTP (with its SDP) or y4m on stdout out."""
     from kfgan_daemon.engine import EngineSettings, run_async
-    from kfgan_daemon.rtpapps.pipe import EncoderOptions, run_pipe
+    from kfgan_daemon.media.x264 import EncodeOptions
+    from kfgan_daemon.rtpapps.pipe import PipeOptions, run_pipe
     from kfgan_daemon.restore.model_choice import open_generator
     from kfgan_daemon.restore.settings import RestoreSettings
 
-    generator = open_generator(checkpoint, variant=variant, device=device, half=half, runtime=runtime)
+    restore_settings = RestoreSettings(detector=detector)
+    generator = open_generator(
+        checkpoint, variant=variant, device=device, half=half, runtime=runtime, settings=restore_settings
+    )
     engine_settings = None if max_latency_ms is None else EngineSettings(max_latency=max_latency_ms / 1000.0)
+    options = PipeOptions(
+        output_sdp=output_sdp,
+        encoder=EncodeOptions(crf=crf, bitrate=bitrate, gop=gop, preset=preset),
+        policy=policy,
+        loss_policy=loss_policy,
+        silence_timeout=silence_timeout,
+    )
     summary = run_async(
         run_pipe(
             input,
             output,
             generator,
-            output_sdp=output_sdp,
-            encoder=EncoderOptions(crf=crf, bitrate=bitrate, gop=gop, preset=preset),
-            policy=policy,
-            restore_settings=RestoreSettings(detector=detector),
-            loss_policy=loss_policy,
-            silence_timeout=silence_timeout,
+            options,
+            restore_settings=restore_settings,
             engine_settings=engine_settings,
             metrics_port=metrics_port,
         )

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from cdp import CHROMIUM, Browser, Page
-from kfgan_daemon.service.server import load_generator
+from kfgan_daemon.service.server import open_configured_generator
 from test_service_http import metric
 from test_webrtc_loopback import Daemon, start_daemon, stop_daemon
 
@@ -99,7 +99,7 @@ async def test_demo_page_restores_the_camera_and_agrees_with_the_browser(
     face_browser: Browser, tmp_path: Path, codec: str
 ) -> None:
     # The shipped model and default settings: what a person trying the daemon gets.
-    daemon = await start_daemon(generator_factory=load_generator, token=TOKEN)
+    daemon = await start_daemon(generator_factory=open_configured_generator, token=TOKEN)
     daemon.headers = AUTH
     try:
         page = await face_browser.new_page(f"{daemon.url}/?autostart=1&codec={codec.lower()}")
@@ -181,7 +181,7 @@ RATE_WINDOW_SECONDS = 6.0
 async def test_demo_page_at_150_kbits_shows_the_call_as_received_and_restored(
     face_browser: Browser, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon(generator_factory=load_generator)
+    daemon = await start_daemon(generator_factory=open_configured_generator)
     try:
         page = await face_browser.new_page(f"{daemon.url}/?autostart=1&bitrate={CAP_KBPS}")
         await page.send("Emulation.setDeviceMetricsOverride",

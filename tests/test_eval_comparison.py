@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kfgan_daemon.cli import app
-from kfgan_daemon.errors import InputError
+from kfgan_daemon.errors import ConfigError
 from kfgan_daemon.eval.end_to_end import INPUT_ROW, MODEL_ROW, evaluate_end_to_end
 from kfgan_daemon.eval.panels import caption_height
 from kfgan_daemon.media import encode_h264_file
@@ -81,5 +81,5 @@ def test_snapshot_of_a_frame_with_the_face_magnified(short_clip: Path, tmp_path:
     assert not np.array_equal(magnified[:, :-1], magnified[:, 1:])  # a picture, not a flat fill
 
     result = CliRunner().invoke(app, ["restore", str(short_clip), str(tmp_path / "late.png"), "--snapshot", "99", "-q"])
-    assert isinstance(result.exception, InputError) and "the call has 20 frames" in str(result.exception)
+    assert isinstance(result.exception, ConfigError) and "the call has 20 frames" in str(result.exception)
     assert not (tmp_path / "late.png").exists()

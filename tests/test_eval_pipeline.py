@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from kfgan_daemon.errors import InputError, MetricUnavailableError
+from kfgan_daemon.errors import ConfigError, InputError, MetricUnavailableError
 from kfgan_daemon.eval.evaluate import (
     INPUT_KEY,
     NO_REFERENCE_SUFFIX,
     ModelSpec,
-    _ReferenceComposer,
     compress_clip,
     evaluate,
     list_clips,
     parse_model_option,
+    prepare_sample,
+    reference_pipeline,
 )
 from kfgan_daemon.eval.vmaf import vmaf_unavailable_reason
-from kfgan_daemon.face import FaceTracker
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.model.lite import LiteGenerator
 from kfgan_daemon.restore.settings import RestoreSettings
@@ -71,21 +71,21 @@ def test_eval_on_a_real_clip_produces_every_row(real_clip, tmp_path):
     assert _keys(clip.rows) == expected and _keys(report.average) == expected
     source, restored, ablation = clip.rows
     # CRF 42 really degrades: the compressed face is measurably off, yet recognisably the same picture.
-    assert 20.0 < source.face_psnr < 45.0 and 0.5 < source.face_ssim < 0.99
+    assert 20.0 < source.crop_psnr < 45.0 and 0.5 < source.crop_ssim < 0.99
     assert 20.0 < source.frame_psnr < 45.0
     for row in (source, restored, ablation):
-        assert row.face_psnr is not None and row.frame_ssim is not None and row.face_lpips > 0
+        assert row.crop_psnr is not None and row.frame_ssim is not None and row.crop_lpips > 0
     assert ablation.restored_frames == clip.face_frames
     # The first frame is an I-frame with a face, so every face frame has a keyframe reference.
     assert restored.restored_frames == clip.face_frames and restored.note is None
-    assert restored.face_psnr != pytest.approx(source.face_psnr, abs=1e-6)
+    assert restored.crop_psnr != pytest.approx(source.crop_psnr, abs=1e-6)
 
     data = json.loads((tmp_path / "eval.json").read_text())
     assert [r["key"] for r in data["clips"][0]["rows"]] == expected
     markdown = (tmp_path / "eval.md").read_text()
     assert f"{spec.name} + hq keyframes" in markdown and f"{spec.name}, no reference" in markdown
-    assert "face LPIPS" in markdown and "LPIPS-alex" in markdown and "face ΔY" in markdown
-    assert abs(source.face_luma_bias) < 5.0
+    assert "crop LPIPS" in markdown and "LPIPS-alex" in markdown and "crop ΔY" in markdown
+    assert abs(source.crop_luma_bias) < 5.0
     grid = cv2.imread(str(tmp_path / "grid.png"))
     assert grid.shape == (256 + 22, 5 * 256, 3)
 
@@ -97,11 +97,9 @@ def test_hq_references_come_from_the_original_and_stream_ones_from_the_decoded_f
     with FileSource(real_clip) as originals, FileSource(compressed_path) as compresseds:
         original, compressed = next(iter(originals)), next(iter(compresseds))
     assert compressed.is_keyframe
-    tracker = FaceTracker()
-    samples = {}
-    for mode in ("hq", "stream"):
-        tracker.reset()
-        samples[mode] = _ReferenceComposer(tracker, RestoreSettings(), mode).prepare(compressed, original)
+    samples = {
+        mode: prepare_sample(reference_pipeline(RestoreSettings(), mode), compressed, original) for mode in ("hq", "stream")
+    }
     hq, stream = samples["hq"], samples["stream"]
     # On the keyframe itself the reference is the stored crop warped onto its own landmarks (about the identity).
     assert np.abs(hq.job.reference.astype(int) - hq.truth).mean() < 3.0
@@ -119,7 +117,7 @@ def test_eval_without_a_face_keeps_every_row_and_reports_face_metrics_as_missing
     assert result.clip == "noface" and result.frames == 12 and result.face_frames == 0
     assert _keys(result.rows) == [INPUT_KEY, "lite-random", "lite-random" + NO_REFERENCE_SUFFIX]
     for row in result.rows:
-        assert row.face_psnr is None and row.face_ssim is None
+        assert row.crop_psnr is None and row.crop_ssim is None
         assert "no face found" in row.note
         assert 10.0 < row.frame_psnr < 60.0 and 0.0 < row.frame_ssim < 1.0
         assert row.restored_frames == 0
@@ -127,16 +125,16 @@ def test_eval_without_a_face_keeps_every_row_and_reports_face_metrics_as_missing
     assert len({row.frame_psnr for row in result.rows}) == 1
     assert "no face found" in result.note
     data = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert all(row["face_psnr"] is None for row in data["average"])
+    assert all(row["crop_psnr"] is None for row in data["average"])
     assert "n/a" in (tmp_path / "out" / "eval.md").read_text()
     assert not (tmp_path / "out" / "grid.png").exists()
     assert clip.is_file()
 
 
 def test_eval_refuses_bad_requests(tmp_path):
-    with pytest.raises(InputError, match="reference mode"):
+    with pytest.raises(ConfigError, match="reference mode"):
         evaluate(tmp_path, crf=42, models=[], out_dir=tmp_path, reference_mode="best")  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="CRF"):
+    with pytest.raises(ConfigError, match="CRF"):
         evaluate(tmp_path, crf=60, models=[], out_dir=tmp_path)
     with pytest.raises(InputError, match="no video clips"):
         list_clips(tmp_path)
@@ -162,16 +160,16 @@ def test_stream_mode_builds_the_same_generator_inputs_as_the_daemon(real_clip, t
     compress_clip(real_clip, compressed_path, crf=42, gop_seconds=0.2, max_frames=8)
     settings = RestoreSettings()
     restorer = StreamRestorer(settings)
-    composer = _ReferenceComposer(FaceTracker(redetect_interval=settings.redetect_interval), settings, "stream")
+    faces = reference_pipeline(settings, "stream")
     compared = 0
     with FileSource(real_clip) as originals, FileSource(compressed_path) as compresseds:
         for original, compressed in zip(originals, compresseds):
-            daemon_job, sample = restorer.prepare(compressed), composer.prepare(compressed, original)
+            daemon_job, sample = restorer.prepare(compressed), prepare_sample(faces, compressed, original)
             if daemon_job is None:
                 assert sample is None or sample.job is None
                 continue
             assert sample.job.key_id == daemon_job.key_id
-            for name in ("compressed", "reference", "landmark_image", "matrix", "crop_landmarks"):
+            for name in ("compressed", "reference", "landmark_image", "matrix", "crop_landmarks", "quantiser"):
                 assert np.array_equal(getattr(sample.job, name), getattr(daemon_job, name)), name
             compared += 1
     assert compared >= 6 and restorer.stats.keyframes_stored >= 2

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from kfgan_daemon.eval.metrics import conventions
+from kfgan_daemon.eval.image_quality import conventions
 from kfgan_daemon.eval.report import (
     ClipResult,
     EvalReport,
@@ -32,8 +32,8 @@ def _rows(face: tuple[float, float] | None, frame: tuple[float, float], frames: 
                 key=key,
                 label=label,
                 model=model,
-                face_psnr=face[0] + gain if face else None,
-                face_ssim=face[1] + gain / 100 if face else None,
+                crop_psnr=face[0] + gain if face else None,
+                crop_ssim=face[1] + gain / 100 if face else None,
                 frame_psnr=frame[0] + gain / 2,
                 frame_ssim=frame[1],
                 frames=frames,
@@ -66,19 +66,19 @@ def _report() -> EvalReport:
 def test_average_weighs_clips_equally_and_skips_missing_face_metrics():
     report = _report()
     source = report.row("input")
-    assert source.face_psnr == pytest.approx(31.0)  # clips a and b only
-    assert source.face_ssim == pytest.approx(0.82)
+    assert source.crop_psnr == pytest.approx(31.0)  # clips a and b only
+    assert source.crop_ssim == pytest.approx(0.82)
     assert source.frame_psnr == pytest.approx((33.0 + 35.0 + 40.0) / 3)
     assert source.frames == 35 and source.face_frames == 30
     assert "empty" in source.note
-    assert report.row("lite").face_psnr == pytest.approx(32.0)
-    assert report.row("lite", clip="empty").face_psnr is None
+    assert report.row("lite").crop_psnr == pytest.approx(32.0)
+    assert report.row("lite", clip="empty").crop_psnr is None
 
 
 def test_average_of_clips_without_any_face_reports_no_face_metrics():
     clips = [ClipResult("x", 8, 8, 3, 0, 1, 0.1, _rows(None, (30.0, 0.9), 3))]
     (source, model) = average_rows(clips)
-    assert source.face_psnr is None and source.face_ssim is None
+    assert source.crop_psnr is None and source.crop_ssim is None
     assert source.frame_psnr == pytest.approx(30.0)
     assert "no face" in source.note
 
@@ -90,7 +90,7 @@ def test_json_is_strict_and_keeps_missing_values_as_null(tmp_path):
     assert "ssim" in data["conventions"]
     empty = next(c for c in data["clips"] if c["clip"] == "empty")
     assert [r["key"] for r in empty["rows"]] == ["input", "lite"]
-    assert all(r["face_psnr"] is None and r["frame_psnr"] is not None for r in empty["rows"])
+    assert all(r["crop_psnr"] is None and r["frame_psnr"] is not None for r in empty["rows"])
     assert [r["key"] for r in data["average"]] == ["input", "lite"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kfgan_daemon.errors import InputError
+from kfgan_daemon.errors import ConfigError
 from kfgan_daemon.face import LandmarkSmoother, OneEuroSettings
 from kfgan_daemon.face.landmarks import ShapeFrame
 
@@ -62,7 +62,7 @@ def test_missing_timestamps_fall_back_to_a_frame_period():
 
 
 def test_bad_settings_and_shapes_raise():
-    with pytest.raises(InputError):
+    with pytest.raises(ConfigError, match="min_cutoff"):
         OneEuroSettings(min_cutoff=0.0)
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError, match="68x2"):
         LandmarkSmoother().smooth(np.zeros((68, 3)))

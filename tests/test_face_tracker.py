@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from kfgan_daemon.errors import FaceModelError, InputError
+from kfgan_daemon.errors import ConfigError, FaceModelError
 from kfgan_daemon.face import (
     CNN_FACE_DETECTOR,
     SHAPE_PREDICTOR_68,
@@ -62,13 +62,11 @@ def test_missing_model_file_says_what_to_pass(tmp_path):
 
 
 def test_bad_arguments():
-    with pytest.raises(InputError):
-        FaceDetector("haar")
-    with pytest.raises(InputError):
+    with pytest.raises(ConfigError, match="redetect_interval"):
         FaceTracker(redetect_interval=0)
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         FaceTracker().update(np.zeros((10, 10, 4), np.uint8))
-    with pytest.raises(InputError, match="luma"):
+    with pytest.raises(ValueError, match="luma"):
         FaceTracker().update(np.zeros((10, 10, 3), np.uint8))
 
 

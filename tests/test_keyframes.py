@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from kfgan_daemon.errors import InputError
+from kfgan_daemon.errors import ConfigError
 from kfgan_daemon.keyframes import KeyframeStore
 
 CROP = np.zeros((4, 4, 3), dtype=np.uint8)
@@ -130,15 +130,13 @@ def test_max_distance_size_one_keeps_newest():
 
 
 def test_invalid_arguments():
-    with pytest.raises(InputError):
+    with pytest.raises(ConfigError, match="store size"):
         KeyframeStore(max_size=0)
-    with pytest.raises(InputError):
-        KeyframeStore(policy="random")
     store = KeyframeStore()
     store.offer(0, _points(0), CROP)
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         store.offer(1, _points(0, shape=(5, 2)), CROP)
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         store.select(_points(0, shape=(5, 2)))
 
 

@@ -418,11 +418,6 @@ def test_corrupt_payload_does_not_raise(stream: list[list[bytes]]) -> None:
     assert pts_of(f for f in frames if f.is_keyframe) == [0, 8, 16]
 
 
-def test_loss_policy_is_checked() -> None:
-    with pytest.raises(ValueError, match="loss_policy"):
-        H264AccessUnitDecoder(loss_policy="ignore")  # type: ignore[arg-type]
-
-
 def test_sprop_base64_in_sdp_matches_encoder_output(stream: list[list[bytes]]) -> None:
     sps = next(u for u in stream[0] if nal_type(u) == NalType.SPS)
     pps = next(u for u in stream[0] if nal_type(u) == NalType.PPS)

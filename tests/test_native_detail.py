@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from kfgan_daemon.errors import InputError, ModelError
+from kfgan_daemon.errors import ModelError
 from kfgan_daemon.face import align_frame, paste_face, paste_weights
 from kfgan_daemon.face.native_detail import (
     ACTIVITY_EDGES,
@@ -128,9 +128,9 @@ def test_paste_applies_the_filter_only_to_faces_larger_than_the_crop() -> None:
     outside = np.ones(frame.y.shape, bool)
     outside[y0:y1, x0:x1] = False
     assert np.array_equal(dropped.y[outside], frame.y[outside])
-    with pytest.raises(InputError, match="luma_detail"):
+    with pytest.raises(ValueError, match="luma_detail"):
         paste_face(frame, aligned.crop, aligned.matrix, compressed=aligned.crop, luma_detail=band[1:])
-    with pytest.raises(InputError, match="correction paste only"):
+    with pytest.raises(ValueError, match="correction paste only"):
         paste_face(frame, aligned.crop, aligned.matrix, mode="replace", luma_detail=band)
 
 

@@ -24,7 +24,8 @@ from kfgan_daemon.media.rtp import RtpReceiver
 from kfgan_daemon.model.lite import LiteGenerator
 from kfgan_daemon.restore import CropGenerator
 from kfgan_daemon.rtpapps.clipsender import EncodedClip, RtpClipSender, RtpClipSenderProcess, encode_clip
-from kfgan_daemon.rtpapps.pipe import EncoderOptions, PipeSummary, SentFrame, run_pipe
+from kfgan_daemon.media.x264 import EncodeOptions
+from kfgan_daemon.rtpapps.pipe import PipeHooks, PipeOptions, PipeSummary, SentFrame, run_pipe
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,15 +66,15 @@ class Loopback:
 
     def pipe(self, generator=None, **options) -> asyncio.Task[PipeSummary]:
         options.setdefault("handle_signals", False)
+        pipe_options = {name: options.pop(name) for name in list(options) if name in PipeOptions.__dataclass_fields__}
         return asyncio.create_task(
             run_pipe(
                 self.input_sdp,
                 self.output,
                 generator or identity_generator(),
-                output_sdp=self.output_sdp,
+                PipeOptions(output_sdp=self.output_sdp, **pipe_options),
                 stop=self.stop,
-                on_sent=self.sent.append,
-                on_ready=lambda receiver: self.ready.set(),
+                hooks=PipeHooks(on_sent=self.sent.append, on_ready=lambda receiver: self.ready.set()),
                 **options,
             )
         )
@@ -105,7 +106,7 @@ async def test_rtp_stream_through_the_pipe_comes_out_decodable_with_keyframes(
     synthetic_clip: EncodedClip, tmp_path: Path
 ) -> None:
     loop = Loopback(synthetic_clip, tmp_path)
-    task = loop.pipe(encoder=EncoderOptions(crf=23, gop=10))
+    task = loop.pipe(encoder=EncodeOptions(crf=23, gop=10, preset="superfast"))
     await asyncio.wait_for(loop.ready.wait(), 10)
     out_done = asyncio.Event()
     output = asyncio.create_task(receive_output(loop.output_sdp, out_done))
@@ -151,7 +152,7 @@ except av.error.ExitError:
 @pytest.mark.slow
 async def test_output_sdp_plays_in_ffmpeg(synthetic_clip: EncodedClip, tmp_path: Path) -> None:
     loop = Loopback(synthetic_clip, tmp_path)
-    task = loop.pipe(encoder=EncoderOptions(gop=10))
+    task = loop.pipe(encoder=EncodeOptions(crf=23, gop=10, preset="superfast"))
     await asyncio.wait_for(loop.ready.wait(), 10)
     player = await asyncio.create_subprocess_exec(
         sys.executable, "-c", FFMPEG_PLAYER, str(loop.output_sdp), stdout=asyncio.subprocess.PIPE
@@ -275,9 +276,9 @@ async def test_bad_sdp_and_bad_output_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="IP address"):
         await run_pipe(valid, "rtp://localhost:5000", identity_generator(), handle_signals=False)
     with pytest.raises(ConfigError, match="policy"):
-        await run_pipe(valid, "-", identity_generator(), policy="queue", handle_signals=False)  # type: ignore[arg-type]
+        await run_pipe(valid, "-", identity_generator(), PipeOptions(policy="queue"), handle_signals=False)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="loss-policy"):
-        await run_pipe(valid, "-", identity_generator(), loss_policy="ignore", handle_signals=False)  # type: ignore[arg-type]
+        await run_pipe(valid, "-", identity_generator(), PipeOptions(loss_policy="ignore"), handle_signals=False)  # type: ignore[arg-type]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         busy = tmp_path / "busy.sdp"

@@ -51,7 +51,7 @@ def test_nothing_is_carried_when_it_is_too_old_or_the_person_changed() -> None:
     late = _frame(5, keyframe=False)  # 5 frames at 25 FPS: 0.2 s after the restored one
     assert restorer.carry_forward(late, job.matrix) is None
     assert restorer.carry_forward(_frame(2, keyframe=False), job.matrix) is not None  # 0.08 s
-    restorer._clear_store()  # what a new person does
+    restorer.faces._clear_store()  # what a new person does
     assert not restorer.can_carry_forward
     assert restorer.carry_forward(_frame(2, keyframe=False), job.matrix) is None
 

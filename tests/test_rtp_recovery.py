@@ -24,7 +24,7 @@ from kfgan_daemon.media.rtp import RtpPacket
 from kfgan_daemon.model.lite import LiteGenerator
 from kfgan_daemon.restore import CropGenerator
 from kfgan_daemon.rtpapps.clipsender import EncodedClip, PlayReport, RtpClipSender, encode_clip
-from kfgan_daemon.rtpapps.pipe import PipeSummary, run_pipe
+from kfgan_daemon.rtpapps.pipe import PipeHooks, PipeSummary, run_pipe
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,7 +78,7 @@ async def play_through_pipe(clip: EncodedClip, tmp_path: Path, trouble: Trouble)
     stop, ready = asyncio.Event(), asyncio.Event()
     pipe = asyncio.create_task(run_pipe(
         input_sdp, f"rtp://127.0.0.1:{port}", CropGenerator(LiteGenerator(channels=8, blocks=1)),
-        stop=stop, on_ready=lambda receiver: ready.set(), handle_signals=False,
+        stop=stop, hooks=PipeHooks(on_ready=lambda receiver: ready.set()), handle_signals=False,
     ))
     try:
         await asyncio.wait_for(ready.wait(), 20)

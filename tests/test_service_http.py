@@ -82,9 +82,9 @@ async def test_probes_need_no_token_and_report_state(daemon) -> None:
 
 async def test_readyz_names_the_model_file_it_loaded() -> None:
     from kfgan_daemon.restore.model_choice import resolve_model_path
-    from kfgan_daemon.service.server import load_generator
+    from kfgan_daemon.service.server import open_configured_generator
 
-    started = await start_daemon(generator_factory=load_generator, token=TOKEN)
+    started = await start_daemon(generator_factory=open_configured_generator, token=TOKEN)
     try:
         async with started.http.get(f"{started.url}/readyz", headers=AUTH) as response:
             body = await response.json()

@@ -295,7 +295,7 @@ def test_kept_face_tracks_are_replayed_without_a_tracker(
 ) -> None:
     from dataclasses import replace
 
-    import kfgan_daemon.face
+    from kfgan_daemon.restore import face_pipeline
 
     tracks = tmp_path / "tracks"
     first = ds.build_dataset(clips, tmp_path / "first", OPTIONS, progress=False, tracks_dir=tracks)
@@ -308,7 +308,12 @@ def test_kept_face_tracks_are_replayed_without_a_tracker(
         def __init__(self, *args, **kwargs) -> None:
             raise AssertionError("a face was tracked although its tracks were kept")
 
-    monkeypatch.setattr(kfgan_daemon.face, "FaceTracker", NoTracker)
+    class NoDescriber:
+        def __init__(self, *args, **kwargs) -> None:
+            raise AssertionError("a face was described although its descriptors were kept")
+
+    monkeypatch.setattr(face_pipeline, "FaceTracker", NoTracker)
+    monkeypatch.setattr(ds, "FaceDescriber", NoDescriber)
     second = ds.build_dataset(clips, tmp_path / "second", OPTIONS, progress=False, tracks_dir=tracks)
     assert {info["tracks"] for info in second.files.values()} == {"replayed"}
     # What follows from the tracks comes out as the tracking build made it; the compressed

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from kfgan_daemon.errors import InputError
-from kfgan_daemon.train.face_tracks import FaceTracks, ReplayedTracker
+from kfgan_daemon.face.landmarks import PREDICTOR_BOX
+from kfgan_daemon.train.face_tracks import FaceTracks, Replay, ReplayedTracker
 
 SETTINGS = {"crf": 42, "sender": "hq", "keyint_seconds": 1.0, "preset": "medium", "max_frames": None, "detector": "hog"}
 
@@ -18,6 +19,7 @@ def recorded(frames: int = 5) -> FaceTracks:
     for index in range(frames):
         landmarks = None if index == 2 else rng.uniform(0, 500, (68, 2))
         tracks.record(landmarks, {0: "detected", 3: "redetected"}.get(index, "followed"))
+    tracks.descriptors = [rng.normal(size=128), np.full(128, np.nan)]  # the second check failed
     return tracks
 
 
@@ -31,6 +33,7 @@ def test_saved_tracks_come_back_as_they_were(tmp_path: Path) -> None:
     assert loaded.landmarks[2] is None
     for saved, back in zip(tracks.landmarks, loaded.landmarks):
         assert (saved is None and back is None) or np.array_equal(saved, back)
+    assert np.array_equal(np.array(loaded.descriptors), np.array(tracks.descriptors), equal_nan=True)
     assert not list(tmp_path.glob("*partial*"))
 
 
@@ -41,6 +44,8 @@ def test_a_replay_hands_out_each_frame_and_checks_the_length(tmp_path: Path) -> 
     outputs = [replay.update(luma) for _ in range(4)]
     assert outputs[2] is None and replay.source == "redetected"
     assert np.array_equal(outputs[0], tracks.landmarks[0])
+    # The box the pipeline compares across a new detection is the one FaceTracker gives.
+    assert replay.face_box == PREDICTOR_BOX.box_for(tracks.landmarks[3])
     with pytest.raises(InputError, match="hold 5 frames but the video 4"):
         replay.finish()
     replay.update(luma)
@@ -55,3 +60,13 @@ def test_damaged_tracks_are_named(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(InputError, match="v.tracks.npz: unreadable face tracks"):
         FaceTracks.load(path)
+
+
+def test_a_replay_hands_out_the_descriptors_in_order_and_a_failed_one_fails_again(tmp_path: Path) -> None:
+    tracks = recorded()
+    describer = Replay.of(tracks, tmp_path / "t.tracks.npz").describer
+    crop, points = np.zeros((256, 256, 3), np.uint8), np.zeros((68, 2))
+    assert np.array_equal(describer.describe_async(crop, points).result(), tracks.descriptors[0])
+    assert isinstance(describer.describe_async(crop, points).exception(), InputError)
+    with pytest.raises(InputError, match="2 face descriptors but the build asks for more"):
+        describer.describe_async(crop, points)

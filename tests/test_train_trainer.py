@@ -408,3 +408,23 @@ def test_batch_stream_with_workers_is_the_steps_batches_in_order(tmp_path: Path)
     for step, batch in zip(range(2, 6), made):
         expected = trainer.batches.batch(step)
         assert torch.equal(batch.compressed, expected.compressed) and torch.equal(batch.target, expected.target)
+
+
+def test_the_face_settings_of_the_dataset_are_recorded_in_the_export(tmp_path: Path) -> None:
+    from kfgan_daemon.model import read_checkpoint
+    from kfgan_daemon.restore.face_pipeline import face_record
+    from kfgan_daemon.restore.settings import RestoreSettings
+    from kfgan_daemon.train.trainer import export_checkpoint
+
+    raw = _config(tmp_path, export={"best": str(tmp_path / "best.safetensors")})
+    data = Path(raw["data"]["dir"])
+    manifest = ds.DatasetManifest.read(data)
+    cut = face_record(RestoreSettings(alignment="published"))
+    manifest.options["faces"] = cut
+    manifest.write(data)
+    trainer = Trainer(parse_config(raw))
+    trainer.train_step(trainer.batches.batch(0))
+    last = trainer.save_checkpoint()
+    trainer._save_best(trainer.validate())
+    assert read_checkpoint(tmp_path / "best.safetensors").face_settings == cut
+    assert read_checkpoint(export_checkpoint(last, tmp_path / "last.safetensors")).face_settings == cut

@@ -34,12 +34,15 @@ a worker thread: opening a stream never blocks the event loop. Non-real-time str
 restore every frame with backpressure. ``run_async(coro)`` runs a coroutine on
 uvloop when it is installed.
 """
+from kfgan_daemon.engine.counts import StreamStats
 from kfgan_daemon.engine.engine import StreamEngine, run_async
 from kfgan_daemon.engine.inference import BatchRecord, InferenceWorker
 from kfgan_daemon.engine.metrics import EngineMetrics
+from kfgan_daemon.engine.output import Outcome, StreamOutput
 from kfgan_daemon.engine.planner import CadencePlanner, PlanSummary, StreamPlanInfo
+from kfgan_daemon.engine.restorer import FrameRestorer
 from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
-from kfgan_daemon.engine.stream import FrameRestorer, LiveStream, Outcome, StreamInfo, StreamOutput, StreamStats
+from kfgan_daemon.engine.stream import LiveStream, StreamInfo
 
 __all__ = [
     "OVERLOAD_POLICIES",

@@ -16,7 +16,7 @@ from kfgan_daemon.engine.metrics import EngineMetrics
 from kfgan_daemon.engine.planner import CadencePlanner
 from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
 from kfgan_daemon.engine.stream import FrameRestorer, LiveStream, StreamInfo
-from kfgan_daemon.errors import EngineError
+from kfgan_daemon.errors import ConfigError, EngineError
 from kfgan_daemon.face.detector import DetectorProcess
 from kfgan_daemon.face.identity import DescriberProcess
 
@@ -196,13 +196,13 @@ class StreamEngine:
         the first one imports the restoration code and loads the face models
         (unless :meth:`warm_up` did), seconds that must not stall the loop;
         later ones take the models from the process-wide cache. Raises
-        :class:`EngineError` if the engine is not started, the id is in use,
-        the policy is unknown or ``settings.max_streams`` streams are open.
+        :class:`EngineError` if the engine is not started, the id is in use
+        or ``settings.max_streams`` streams are open; :class:`ConfigError` for an unknown policy.
         """
         if not self._started:
             raise EngineError("the engine is not started; await engine.start() first")
         if policy not in OVERLOAD_POLICIES:
-            raise EngineError(f"overload policy must be one of {', '.join(OVERLOAD_POLICIES)}, not {policy!r}")
+            raise ConfigError(f"policy: {policy!r} is not one of {', '.join(OVERLOAD_POLICIES)}")
         if stream_id is None:
             stream_id = self._next_id()
         if stream_id in self._streams:

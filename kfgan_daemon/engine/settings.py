@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+from kfgan_daemon.errors import ConfigError
 
 OverloadPolicy = Literal["passthrough", "drop"]
-OVERLOAD_POLICIES: tuple[str, ...] = ("passthrough", "drop")
+OVERLOAD_POLICIES: tuple[str, ...] = get_args(OverloadPolicy)
 
 
 def _default_cpu_workers() -> int:
@@ -58,31 +60,31 @@ class EngineSettings:
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+            raise ConfigError("max_batch: must be at least 1")
         if self.max_batch_wait < 0:
-            raise ValueError("max_batch_wait must not be negative")
+            raise ConfigError("max_batch_wait: must not be negative")
         if self.max_latency <= 0:
-            raise ValueError("max_latency must be positive")
+            raise ConfigError("max_latency: must be positive")
         for name in ("max_in_flight", "inbox_size", "outbox_size", "inference_queue_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise ConfigError(f"{name}: must be at least 1")
         if self.cpu_workers < 0:
-            raise ValueError("cpu_workers must not be negative (0 picks one from the core count)")
+            raise ConfigError("cpu_workers: must not be negative (0 picks one from the core count)")
         if self.max_streams is not None and self.max_streams < 1:
-            raise ValueError("max_streams must be at least 1")
+            raise ConfigError("max_streams: must be at least 1")
         if self.unfollowed_carry_frames < 0:
-            raise ValueError("unfollowed_carry_frames must not be negative")
+            raise ConfigError("unfollowed_carry_frames: must not be negative")
         if self.inference_threads is not None and self.inference_threads < 1:
-            raise ValueError("inference_threads must be at least 1 (or None to leave torch alone)")
+            raise ConfigError("inference_threads: must be at least 1 (or None to leave torch alone)")
         if not 0 < self.target_busy <= 1:
-            raise ValueError("target_busy must be in (0, 1]")
+            raise ConfigError("target_busy: must be in (0, 1]")
         if not 0 < self.min_restored_share <= 1:
-            raise ValueError("min_restored_share must be in (0, 1]")
+            raise ConfigError("min_restored_share: must be in (0, 1]")
         if self.plan_interval <= 0:
-            raise ValueError("plan_interval must be positive")
+            raise ConfigError("plan_interval: must be positive")
         width, height, fps = self.capacity_reference
         if width < 1 or height < 1 or fps <= 0:
-            raise ValueError("capacity_reference must be (width, height, frames per second), all positive")
+            raise ConfigError("capacity_reference: must be (width, height, frames per second), all positive")
 
     @property
     def cpu_threads(self) -> int:

@@ -19,27 +19,34 @@ N+1 overlaps the generator work of frame N.
 The stream's restorer is built on a worker thread when the stream starts
 (dlib detectors take a quarter of a second to build): opening a stream never
 blocks the event loop.
+
+:class:`LiveStream` keeps the deadline policy and composes the rest, each
+part in its own module: ``engine.queues`` (the order and the bounds),
+``engine.restorer`` (the restorer shared by the face and paste threads),
+``engine.counts`` (every outcome and stage time, counted once for the stats,
+the metrics and the snapshots) and ``engine.planner`` (which frames of a live
+stream are restored).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, Future
-from dataclasses import asdict, dataclass, field, replace
-from enum import Enum
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from kfgan_daemon.engine.estimate import RecentDuration
+from kfgan_daemon.engine.counts import StreamCounts, StreamStats
 from kfgan_daemon.engine.inference import InferenceWorker
 from kfgan_daemon.engine.metrics import EngineMetrics
+from kfgan_daemon.engine.output import Outcome, StreamOutput
 from kfgan_daemon.engine.planner import CadencePlanner, StreamPlanInfo
-from kfgan_daemon.engine.settings import OVERLOAD_POLICIES, EngineSettings, OverloadPolicy
+from kfgan_daemon.engine.queues import StreamQueues
+from kfgan_daemon.engine.restorer import FrameRestorer, GuardedRestorer
+from kfgan_daemon.engine.settings import EngineSettings, OverloadPolicy
 from kfgan_daemon.errors import EngineError, StreamClosedError
 from kfgan_daemon.logthrottle import ThrottledLog
 
@@ -47,95 +54,17 @@ if TYPE_CHECKING:
     from kfgan_daemon.media.frame import DecodedFrame
     from kfgan_daemon.restore.job import FaceJob
 
+__all__ = [
+    "FrameRestorer",
+    "LiveStream",
+    "Outcome",
+    "StreamInfo",
+    "StreamOutput",
+    "StreamStats",
+]
+
 log = logging.getLogger(__name__)
 throttled = ThrottledLog(log)
-
-FPS_WINDOW = 1.0
-LATENCY_HISTORY = 1024
-STAGE_HISTORY = 512
-
-
-SkipReason = Literal["no_face", "no_keyframe"]
-
-
-class FrameRestorer(Protocol):
-    """What the engine needs from a stream's restorer (``kfgan_daemon.restore.StreamRestorer``).
-
-    ``prepare`` builds the generator's job, or returns None and says why in
-    ``skip_reason``. ``locate`` is the cheap path of a frame that will not be
-    restored: it follows the face (offering an I-frame to the keyframe store)
-    and returns the frame-to-crop alignment matrix. ``carry_forward`` pastes
-    the correction of the last restored frame with a frame's own matrix (None:
-    the last followed frame's), or returns None when there is none fit to carry
-    (no restored frame yet, a new person, too long ago). ``can_carry_forward``
-    says whether there is one. ``remember`` keeps a crop that came too late for
-    its own frame as the correction to carry onto the next ones.
-    """
-
-    def prepare(self, frame: DecodedFrame) -> FaceJob | None: ...
-
-    @property
-    def skip_reason(self) -> SkipReason | None: ...
-
-    def locate(self, frame: DecodedFrame) -> np.ndarray | None: ...
-
-    def observe_keyframe(self, frame: DecodedFrame) -> None: ...
-
-    def complete(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> DecodedFrame: ...
-
-    def carry_forward(self, frame: DecodedFrame, matrix: np.ndarray | None) -> DecodedFrame | None: ...
-
-    def remember(self, frame: DecodedFrame, job: FaceJob, restored_crop: np.ndarray) -> None: ...
-
-    @property
-    def can_carry_forward(self) -> bool: ...
-
-    def pass_through(self, frame: DecodedFrame) -> DecodedFrame: ...
-
-    @property
-    def needs_keyframe(self) -> bool: ...
-
-
-class Outcome(str, Enum):
-    """What happened to a frame that leaves the stream; each word means one thing."""
-
-    RESTORED = "restored"
-    CARRIED_FORWARD = "carried_forward"  # too late to restore: the last restored correction, moved with the face
-    NO_FACE = "no_face"  # no face in the picture: sent untouched
-    NO_KEYFRAME = "no_keyframe"  # a face, but no keyframe to restore it from yet: sent untouched
-    SHED = "shed"  # overload: too late to restore and nothing to carry forward, sent unrestored
-    ERROR = "error"  # an exception in this frame's processing: sent unrestored
-
-
-@dataclass(slots=True)
-class StreamOutput:
-    """One frame leaving a stream, in input order. Times are ``time.monotonic()`` seconds."""
-
-    frame: DecodedFrame
-    outcome: Outcome
-    arrival: float
-    emitted: float = 0.0
-
-    @property
-    def latency(self) -> float:
-        """Seconds the engine added: from arrival (as given to ``submit``) to the result being ready."""
-        return self.emitted - self.arrival
-
-
-@dataclass(slots=True)
-class StreamStats:
-    received: int = 0
-    emitted: int = 0
-    restored: int = 0
-    carried_forward: int = 0
-    no_face: int = 0
-    no_keyframe: int = 0
-    shed: int = 0
-    dropped: int = 0  # overload with policy "drop": never sent
-    errors: int = 0
-    keyframes: int = 0
-    deadline_misses: int = 0
-    output_overflow: int = 0
 
 
 @dataclass(slots=True)
@@ -160,13 +89,6 @@ class StreamInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class _End:
-    """Marks the end of a queue."""
-
-
-_END = _End()
 
 
 @dataclass(slots=True)
@@ -197,28 +119,6 @@ class _Record:
     job: FaceJob | None = None  # once the face stage built it
     inference: asyncio.Future[np.ndarray] | None = None
     planned: bool = False  # its restoration is one of the plan's, expected on time
-
-
-@dataclass(slots=True)
-class _Gauges:
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
-    emitted_at: deque[float] = field(default_factory=deque)
-    stages: dict[str, deque[float]] = field(default_factory=dict)
-    # Face and paste threads add stages while the event loop reads them (GET /streams/ID):
-    # a new stage's key arriving mid-read made the read fail.
-    _stages_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add_stage(self, stage: str, seconds: float) -> None:
-        with self._stages_lock:
-            history = self.stages.get(stage)
-            if history is None:
-                history = self.stages[stage] = deque(maxlen=STAGE_HISTORY)
-            history.append(seconds)
-
-    def stage_histories(self) -> dict[str, list[float]]:
-        """A copy of every stage's recent durations (seconds), taken as one consistent read."""
-        with self._stages_lock:
-            return {stage: list(history) for stage, history in self.stages.items()}
 
 
 class LiveStream:
@@ -257,51 +157,31 @@ class LiveStream:
         paste_executor: Executor | None = None,
         planner: CadencePlanner | None = None,
     ) -> None:
-        if policy not in OVERLOAD_POLICIES:
-            raise EngineError(f"overload policy must be one of {', '.join(OVERLOAD_POLICIES)}, not {policy!r}")
         self.id = stream_id
-        self.restorer: FrameRestorer | None = None
-        self._build_restorer: Callable[[], FrameRestorer] | None = None
-        if callable(getattr(restorer, "prepare", None)):
-            self.restorer = restorer  # type: ignore[assignment]
-        else:
-            self._build_restorer = restorer  # type: ignore[assignment]
         self.policy: OverloadPolicy = policy
         self.realtime = realtime
         self.settings = settings
-        self.stats = StreamStats()
         self.opened_at = time.time()
         self.last_error: str | None = None
+        self._face = GuardedRestorer(stream_id, restorer)
         self._worker = worker
         self._executor = executor
         # Pasting (complete, carry_forward) happens at the frame's deadline: queued behind face
         # stages of later frames (a 70 ms identity check, a detection) it would make the frame late.
         self._paste_executor = paste_executor or executor
-        self._metrics = metrics
         self._on_closed = on_closed
         # Which frames a real-time stream restores; None: every frame it can in time.
         self._planner = planner
-        # _order holds every frame not yet emitted and bounds the stream; _work the
-        # ones the face task has not reached yet (always a subset of _order).
-        self._order: asyncio.Queue[_Record | _End] = asyncio.Queue(settings.inbox_size + settings.max_in_flight)
-        self._work: asyncio.Queue[_Record | _End] = asyncio.Queue()
-        self._outbox: asyncio.Queue[StreamOutput | _End] = asyncio.Queue(settings.outbox_size)
+        self._counts = StreamCounts(stream_id, metrics, planner)
+        self._queues: StreamQueues[_Record] = StreamQueues(
+            settings.inbox_size + settings.max_in_flight,
+            settings.outbox_size,
+            evicting=realtime,
+            on_depths=self._counts.queues,
+            on_evicted=self._counts.overflowed,
+        )
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
-        self._gauges = _Gauges()
-        # recent durations of the CPU stages, for judging whether a frame can still make its deadline
-        self._typical = {
-            stage: RecentDuration() for stage in ("prepare", "locate", "complete", "carry_forward")
-        }
-        self._can_carry = False
-        self._skip_reason: SkipReason | None = None
-        self._followed_index: int | None = None  # the last frame whose face was followed
-        # The restorer is touched from the executor threads; this lock keeps the
-        # face stage (tracker, keyframe store) single-threaded per stream.
-        self._face_lock = threading.Lock()
-        self._needs_keyframe = True
-        self._keyframes_stored: int | None = None
         self._accepting = True
-        self._ended = False  # the end marker is in the outbox
         self._state = "new"
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
@@ -353,28 +233,20 @@ class LiveStream:
         await self._closed.wait()
 
     async def _drain(self) -> None:
-        await self._order.put(_END)
-        self._work.put_nowait(_END)
+        await self._queues.end_input()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _abort(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        close_restorer = getattr(self.restorer, "close", None)
-        if close_restorer is not None:
-            close_restorer()  # its identity checks still queued in the child process are not needed
+        self._face.close()
         # A cancelled task keeps its CancelledError, whose traceback holds this stream:
         # forgetting the tasks breaks that cycle, so a closed stream is freed at once.
         self._tasks = []
-        while not self._order.empty():
-            record = self._order.get_nowait()
-            if isinstance(record, _Record):
-                self._abandon(record)
-        while not self._work.empty():
-            self._work.get_nowait()
-        self._put_end_nowait()
-        self._update_queue_gauges()
+        for record in self._queues.clear_input():
+            self._abandon(record)
+        self._queues.end_output_nowait()
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -385,7 +257,7 @@ class LiveStream:
             log.error("stream %s: %s failed", self.id, task.get_name(), exc_info=exc)
             self.last_error = repr(exc)
             self._accepting = False
-            self._put_end_nowait()
+            self._queues.end_output_nowait()
 
     # ---- producer / consumer --------------------------------------------
 
@@ -404,62 +276,55 @@ class LiveStream:
             raise StreamClosedError(f"stream {self.id} is closed")
         if arrival is None:
             arrival = frame.arrival if frame.arrival is not None else time.monotonic()
-        self.stats.received += 1
-        self._metrics.frames_received.labels(self.id).inc()
+        self._counts.received(frame.is_keyframe)
         if self._planner is not None and self.realtime:
             self._planner.arrived(self.id, arrival, frame.width * frame.height)
-        if frame.is_keyframe:
-            self.stats.keyframes += 1
-            self._metrics.keyframes.labels(self.id).inc()
         deadline = arrival + self.settings.max_latency if self.realtime else None
-        record = _Record(frame, arrival, deadline, asyncio.get_running_loop().create_future())
-        await self._order.put(record)
-        self._work.put_nowait(record)
-        self._update_queue_gauges()
+        await self._queues.put(_Record(frame, arrival, deadline, asyncio.get_running_loop().create_future()))
 
     async def results(self) -> AsyncIterator[StreamOutput]:
         """Every output frame, in input order, until the stream is closed."""
         while True:
-            item = await self._outbox.get()
-            if isinstance(item, _End):
-                self._outbox.put_nowait(item)  # let any other reader finish too
+            output = await self._queues.get_output()
+            if output is None:
                 return
-            self._update_queue_gauges()
-            yield item
+            yield output
 
     async def next_output(self) -> StreamOutput:
         """The next output frame; raises :class:`StreamClosedError` once the stream has ended."""
-        item = await self._outbox.get()
-        if isinstance(item, _End):
-            self._outbox.put_nowait(item)
+        output = await self._queues.get_output()
+        if output is None:
             raise StreamClosedError(f"stream {self.id} has ended")
-        self._update_queue_gauges()
-        return item
+        return output
 
-    # ---- inspection -------------------------------------------------------
+    # ---- inspection: read from the stream's counts -----------------------
+
+    @property
+    def restorer(self) -> FrameRestorer | None:
+        """The stream's restorer; None until it is built."""
+        return self._face.restorer
+
+    @property
+    def stats(self) -> StreamStats:
+        """The stream's counts so far (live: they go on changing)."""
+        return self._counts.stats
 
     @property
     def needs_keyframe(self) -> bool:
         """The restorer's wish for an I-frame (empty store or no keyframe near the pose), as of the last frame."""
-        return self._needs_keyframe
+        return self._face.needs_keyframe
 
     @property
     def fps(self) -> float:
-        self._trim_fps(time.monotonic())
-        return len(self._gauges.emitted_at) / FPS_WINDOW
+        return self._counts.fps
 
     def latency_quantiles(self, *quantiles: float) -> list[float | None]:
         """Quantiles (0..1) of the added latency in seconds over the last frames; None before any frame."""
-        values = list(self._gauges.latencies)
-        if not values:
-            return [None for _ in quantiles]
-        return [float(np.quantile(values, q)) for q in quantiles]
+        return self._counts.latency_quantiles(*quantiles)
 
     def stage_ms(self) -> dict[str, float]:
         """Median milliseconds of each engine stage over the last frames (prepare, inference, complete, total...)."""
-        return {
-            stage: 1000 * float(np.median(history)) for stage, history in self._gauges.stage_histories().items() if history
-        }
+        return self._counts.stage_ms()
 
     def info(self) -> StreamInfo:
         p50, p95 = self.latency_quantiles(0.5, 0.95)
@@ -469,13 +334,13 @@ class LiveStream:
             realtime=self.realtime,
             state=self._state,
             opened_at=self.opened_at,
-            stats=replace(self.stats),
+            stats=self._counts.snapshot(),
             fps=self.fps,
             latency_p50_ms=None if p50 is None else 1000 * p50,
             latency_p95_ms=None if p95 is None else 1000 * p95,
             queues=self.queue_depths(),
-            keyframes_stored=self._keyframes_stored,
-            needs_keyframe=self._needs_keyframe,
+            keyframes_stored=self._face.keyframes_stored,
+            needs_keyframe=self._face.needs_keyframe,
             last_error=self.last_error,
             stage_ms=self.stage_ms(),
             plan=None if self._planner is None or not self.realtime else self._planner.stream_info(self.id),
@@ -483,35 +348,31 @@ class LiveStream:
 
     def queue_depths(self) -> dict[str, int]:
         """inbox: frames the face stage has not reached; pending: frames not yet emitted; outbox: not yet read."""
-        return {"inbox": self._work.qsize(), "pending": self._order.qsize(), "outbox": self._outbox.qsize()}
+        return self._queues.depths()
 
     # ---- face task --------------------------------------------------------
 
     async def _face_loop(self) -> None:
-        if self.restorer is None:
+        if not self._face.ready:
             await self._start_restorer()
         while True:
-            record = await self._work.get()
-            self._update_queue_gauges()
-            if isinstance(record, _End):
+            record = await self._queues.next_for_face()
+            if record is None:
                 return
-            if self.restorer is None:  # it could not be built: every frame goes out as it came
-                self.stats.errors += 1
-                self._metrics.errors.labels(self.id, "start").inc()
+            if not self._face.ready:  # it could not be built: every frame goes out as it came
+                self._counts.error("start")
                 _settle(record, _Result(Outcome.ERROR))
                 continue
             await self._face_stage(record)
 
     async def _start_restorer(self) -> None:
-        assert self._build_restorer is not None
         loop = asyncio.get_running_loop()
         try:
-            restorer = await loop.run_in_executor(self._executor, self._build_restorer)
+            restorer = await loop.run_in_executor(self._executor, self._face.build)
         except Exception as exc:
             self._count_error("start", exc)
             return
-        self.restorer = restorer
-        self._refresh_restorer_state()
+        self._face.install(restorer)
 
     async def _face_stage(self, record: _Record) -> None:
         frame = record.frame
@@ -537,13 +398,13 @@ class LiveStream:
                 await self._settle_late(record)
                 return
         try:
-            job = await self._in_thread("prepare", self._prepare_face, frame)
+            job = await self._in_thread("prepare", self._face.prepare, frame)
         except Exception as exc:
             self._count_error("prepare", exc)
             _settle(record, _Result(Outcome.ERROR))
             return
         if job is None:
-            reason = self._skip_reason or "no_face"
+            reason = self._face.skip_reason or "no_face"
             _settle(record, _Result(Outcome.NO_KEYFRAME if reason == "no_keyframe" else Outcome.NO_FACE))
             return
         record.job = job
@@ -572,17 +433,17 @@ class LiveStream:
         """Whether to try restoring this frame: its planned turn, or (unplanned) because there is no
         correction to carry yet (the first frames, a new person), so restoring it is the only way to
         restore anything; None: the plan carries the last correction onto it."""
-        if self._planner is None or not self._can_carry:
+        if self._planner is None or not self._face.can_carry:
             return "unplanned"
         return "planned" if self._planner.take_turn(self.id) else None
 
     def _can_start(self, useful_until: float) -> bool:
         """True when a restoration started now would probably be done while still useful, judged before
         spending CPU on it. No work starts that is expected to be thrown away."""
-        if self._in_flight.locked() or self._work.qsize() >= max(1, self.settings.inbox_size - 1):
+        if self._in_flight.locked() or self._face_backlog():
             return False
         now = time.monotonic()
-        return self._expected_done(now + self._typical["prepare"].predict(now)) <= useful_until
+        return self._expected_done(now + self._counts.expected("prepare", now)) <= useful_until
 
     async def _settle_late(self, record: _Record, planned: bool = False) -> None:
         """A frame that will not be restored: follow its face, to carry the last correction onto it, if
@@ -594,7 +455,7 @@ class LiveStream:
             _settle(record, _Result(None, late=True, planned=planned))
             return
         try:
-            matrix = await self._in_thread("locate", self._locate_face, frame)
+            matrix = await self._in_thread("locate", self._face.locate, frame)
         except Exception as exc:
             self._count_error("locate", exc)
             _settle(record, _Result(Outcome.ERROR))
@@ -607,20 +468,19 @@ class LiveStream:
     def _followed_recently(self, frame: DecodedFrame) -> bool:
         """True when a frame at most ``unfollowed_carry_frames`` before this one had its face followed:
         its alignment will do for the carried correction, and the face threads stay free."""
-        followed = self._followed_index
+        followed = self._face.followed_index
         return (
-            self._can_carry
+            self._face.can_carry
             and followed is not None
             and 0 < frame.index - followed <= self.settings.unfollowed_carry_frames
         )
 
     def _carry_in_time(self, record: _Record) -> bool:
-        if not self._can_carry or self.policy == "drop" or record.deadline is None:
+        if not self._face.can_carry or self.policy == "drop" or record.deadline is None:
             return False
         now = time.monotonic()
-        cost = self._typical["locate"].predict(now) + self._typical["carry_forward"].predict(now)
-        # A backlog of frames waiting for the face stage is only made worse by following faces.
-        return now + cost <= record.deadline and self._work.qsize() < max(1, self.settings.inbox_size - 1)
+        cost = self._counts.expected("locate", now) + self._counts.expected("carry_forward", now)
+        return now + cost <= record.deadline and not self._face_backlog()
 
     def _inference_done(self, record: _Record, job: FaceJob, submitted: float, future: asyncio.Future) -> None:
         self._in_flight.release()
@@ -634,9 +494,7 @@ class LiveStream:
             self._count_error("inference", exc)
             _settle(record, _Result(Outcome.ERROR))
             return
-        seconds = time.monotonic() - submitted
-        self._metrics.stage_seconds.labels(self.id, "inference").observe(seconds)
-        self._gauges.add_stage("inference", seconds)
+        self._counts.stage("inference", time.monotonic() - submitted)
         if record.result.done():  # its frame left without it: the crop still refreshes the correction
             self._late(record)
             self._remember_late(record.frame, job, future.result())
@@ -650,9 +508,9 @@ class LiveStream:
             self._planner.late(self.id)
 
     def _remember_late(self, frame: DecodedFrame, job: FaceJob, crop: np.ndarray) -> None:
-        if self.restorer is None or not self._accepting:
+        if not self._face.ready or not self._accepting:
             return
-        done = self._paste_executor.submit(self._timed, "remember", self._remember, (frame, job, crop))
+        done = self._paste_executor.submit(self._timed, "remember", self._face.remember, (frame, job, crop))
         done.add_done_callback(self._remembered)
 
     def _remembered(self, done: "Future[Any]") -> None:
@@ -662,20 +520,19 @@ class LiveStream:
 
     def _expected_done(self, job_ready: float) -> float:
         """When a frame whose face job is ready at ``job_ready`` would probably be restored."""
-        return self._worker.expected_finish(job_ready) + self._typical["complete"].predict(job_ready)
+        return self._worker.expected_finish(job_ready) + self._counts.expected("complete", job_ready)
 
     async def _observe_keyframe(self, frame: DecodedFrame) -> None:
         if not frame.is_keyframe:
             return
         try:
-            await self._in_thread("observe_keyframe", self._observe_face, frame)
+            await self._in_thread("observe_keyframe", self._face.observe_keyframe, frame)
         except Exception as exc:
             self._count_error("observe_keyframe", exc)
 
     def _count_error(self, stage: str, exc: BaseException) -> None:
-        self.stats.errors += 1
+        self._counts.error(stage)
         self.last_error = f"{stage}: {exc!r}"
-        self._metrics.errors.labels(self.id, stage).inc()
         # A fault that hits every frame (e.g. while the inference worker restarts) logs once per interval.
         throttled.warning(
             (self.id, stage), "stream %s: %s failed, the frame goes out unrestored: %r", self.id, stage, exc
@@ -685,9 +542,8 @@ class LiveStream:
 
     async def _emit_loop(self) -> None:
         while True:
-            record = await self._order.get()
-            self._update_queue_gauges()
-            if isinstance(record, _End):
+            record = await self._queues.next_to_emit()
+            if record is None:
                 await self._put_output(None)
                 return
             output = await self._emit_one(record)
@@ -700,7 +556,7 @@ class LiveStream:
         if record.deadline is not None:
             # leave the time a carried-forward paste takes, so that a late frame still leaves on time
             now = time.monotonic()
-            reserve = self._typical["carry_forward"].predict(now) if self._can_carry else 0.0
+            reserve = self._counts.expected("carry_forward", now) if self._face.can_carry else 0.0
             timeout = max(0.0, record.deadline - reserve - now)
         done, _ = await asyncio.wait({record.result}, timeout=timeout)
         if not done:
@@ -716,9 +572,9 @@ class LiveStream:
         assert result.outcome is not None
         if result.outcome is not Outcome.RESTORED:
             return StreamOutput(frame, result.outcome, record.arrival)
-        assert self.restorer is not None
+        assert self._face.ready
         try:
-            restored = await self._in_thread("complete", self._complete, frame, result.job, result.crop)
+            restored = await self._in_thread("complete", self._face.complete, frame, result.job, result.crop)
         except Exception as exc:
             self._count_error("complete", exc)
             return StreamOutput(frame, Outcome.ERROR, record.arrival)
@@ -727,26 +583,23 @@ class LiveStream:
     async def _emit_late(self, record: _Record, result: _Result) -> StreamOutput | None:
         frame = record.frame
         if not result.planned:
-            self.stats.deadline_misses += 1
-            self._metrics.deadline_misses.labels(self.id).inc()
+            self._counts.deadline_missed()
         if self.policy == "drop":
-            self.stats.dropped += 1
-            self._metrics.frames.labels(self.id, "dropped").inc()
+            self._counts.dropped()
             return None
-        restorer = self.restorer
-        if restorer is None:
+        if not self._face.ready:
             return StreamOutput(frame, Outcome.SHED, record.arrival)
-        if self._can_carry:
+        if self._face.can_carry:
             # result.matrix None: no time to follow this frame's face; the last followed one's alignment serves
             try:
-                carried = await self._in_thread("carry_forward", self._carry_forward, frame, result.matrix)
+                carried = await self._in_thread("carry_forward", self._face.carry_forward, frame, result.matrix)
             except Exception as exc:
                 self._count_error("carry_forward", exc)
                 return StreamOutput(frame, Outcome.ERROR, record.arrival)
             if carried is not None:
                 return StreamOutput(carried, Outcome.CARRIED_FORWARD, record.arrival)
         try:
-            restorer.pass_through(frame)
+            self._face.pass_through(frame)
         except Exception as exc:
             self._count_error("pass_through", exc)
         return StreamOutput(frame, Outcome.SHED, record.arrival)
@@ -759,54 +612,8 @@ class LiveStream:
 
     async def _put_output(self, output: StreamOutput | None) -> None:
         if output is not None:
-            self._account(output)
-        item: StreamOutput | _End = _END if output is None else output
-        if self.realtime:
-            self._put_evicting(item)
-        else:
-            await self._outbox.put(item)
-        if output is None:
-            self._ended = True
-        self._update_queue_gauges()
-
-    def _put_end_nowait(self) -> None:
-        if not self._ended:
-            self._put_evicting(_END)
-            self._ended = True
-
-    def _put_evicting(self, item: StreamOutput | _End) -> None:
-        """A live consumer that falls behind loses its oldest frames, never the end marker."""
-        while self._outbox.full():
-            old = self._outbox.get_nowait()
-            if isinstance(old, _End):
-                self._outbox.put_nowait(old)
-                return
-            self.stats.output_overflow += 1
-            self._metrics.output_overflow.labels(self.id).inc()
-        self._outbox.put_nowait(item)
-
-    def _account(self, output: StreamOutput) -> None:
-        now = time.monotonic()
-        output.emitted = now
-        self.stats.emitted += 1
-        field_name = _OUTCOME_COUNTERS[output.outcome]
-        if field_name is not None:
-            setattr(self.stats, field_name, getattr(self.stats, field_name) + 1)
-        self._metrics.frames.labels(self.id, output.outcome.value).inc()
-        self._metrics.stage_seconds.labels(self.id, "total").observe(output.latency)
-        self._gauges.add_stage("total", output.latency)
-        self._gauges.latencies.append(output.latency)
-        self._gauges.emitted_at.append(now)
-        self._trim_fps(now)
-        self._metrics.fps.labels(self.id).set(len(self._gauges.emitted_at) / FPS_WINDOW)
-        if self._planner is not None:
-            self._metrics.restored_share.labels(self.id).set(self._planner.share(self.id))
-            self._metrics.plan_rate.set(self._planner.rate)
-
-    def _trim_fps(self, now: float) -> None:
-        emitted_at = self._gauges.emitted_at
-        while emitted_at and now - emitted_at[0] > FPS_WINDOW:
-            emitted_at.popleft()
+            self._counts.emitted(output)
+        await self._queues.put_output(output)
 
     # ---- threads ------------------------------------------------------------
 
@@ -821,97 +628,14 @@ class LiveStream:
         try:
             return fn(*args)
         finally:
-            seconds = time.perf_counter() - start
-            self._metrics.stage_seconds.labels(self.id, stage).observe(seconds)
-            self._gauges.add_stage(stage, seconds)
-            if stage in self._typical:
-                self._typical[stage].observe(seconds)
-            if self._planner is not None:
-                self._planner.observe_stage(self.id, stage, time.thread_time() - cpu_start)
+            self._counts.stage(stage, time.perf_counter() - start, cpu_seconds=time.thread_time() - cpu_start)
 
-    # The face stage (tracker, keyframe store) is single-threaded per stream under
-    # _face_lock; complete and carry_forward run on the emit task, one at a time,
-    # and touch only the restorer's correction.
-
-    def _prepare_face(self, frame: DecodedFrame) -> FaceJob | None:
-        assert self.restorer is not None
-        with self._face_lock:
-            try:
-                job = self.restorer.prepare(frame)
-                self._skip_reason = None if job is not None else self.restorer.skip_reason
-                self._followed_index = None if self._skip_reason == "no_face" else frame.index
-                return job
-            finally:
-                self._refresh_restorer_state()
-
-    def _locate_face(self, frame: DecodedFrame) -> np.ndarray | None:
-        assert self.restorer is not None
-        with self._face_lock:
-            try:
-                matrix = self.restorer.locate(frame)
-                self._followed_index = None if matrix is None else frame.index
-                return matrix
-            finally:
-                self._refresh_restorer_state()
-
-    def _observe_face(self, frame: DecodedFrame) -> None:
-        assert self.restorer is not None
-        with self._face_lock:
-            try:
-                self.restorer.observe_keyframe(frame)
-            finally:
-                self._refresh_restorer_state()
-
-    def _remember(self, frame: DecodedFrame, job: FaceJob, crop: np.ndarray) -> None:
-        assert self.restorer is not None
-        try:
-            self.restorer.remember(frame, job, crop)
-        finally:
-            self._refresh_restorer_state()
-
-    def _complete(self, frame: DecodedFrame, job: FaceJob, crop: np.ndarray) -> DecodedFrame:
-        assert self.restorer is not None
-        try:
-            return self.restorer.complete(frame, job, crop)
-        finally:
-            self._refresh_restorer_state()
-
-    def _carry_forward(self, frame: DecodedFrame, matrix: np.ndarray | None) -> DecodedFrame | None:
-        assert self.restorer is not None
-        try:
-            return self.restorer.carry_forward(frame, matrix)
-        finally:
-            self._refresh_restorer_state()
-
-    def _refresh_restorer_state(self) -> None:
-        """Cache what the event loop may read, computed on the thread that used the restorer."""
-        restorer = self.restorer
-        if restorer is None:
-            return
-        try:
-            self._needs_keyframe = bool(restorer.needs_keyframe)
-            self._can_carry = bool(restorer.can_carry_forward)
-        except Exception as exc:
-            log.debug("stream %s: reading the restorer's state failed: %r", self.id, exc)
-        store = getattr(restorer, "store", None)
-        if store is not None:
-            self._keyframes_stored = len(store)
-
-    def _update_queue_gauges(self) -> None:
-        for name, depth in self.queue_depths().items():
-            self._metrics.queue_depth.labels(self.id, name).set(depth)
+    def _face_backlog(self) -> bool:
+        """True when frames wait for the face stage: following or restoring more faces only makes it worse."""
+        return self._queues.inbox_backlog >= max(1, self.settings.inbox_size - 1)
 
 
 _PASTE_STAGES = frozenset({"complete", "carry_forward"})
-
-_OUTCOME_COUNTERS: dict[Outcome, str | None] = {
-    Outcome.RESTORED: "restored",
-    Outcome.CARRIED_FORWARD: "carried_forward",
-    Outcome.NO_FACE: "no_face",
-    Outcome.NO_KEYFRAME: "no_keyframe",
-    Outcome.SHED: "shed",
-    Outcome.ERROR: None,  # counted where the exception was caught
-}
 
 
 def _settle(record: _Record, result: _Result) -> None:

@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from kfgan_daemon.eval import metrics
+from kfgan_daemon.eval import image_quality
 from kfgan_daemon.eval.flicker import FlickerMeter, face_region_mask
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.encode import degrade_like_a_call
@@ -175,7 +175,7 @@ def _measure(
         meter.add(original.y, {"out": out.y}, face)
         if face is None or not face.any():
             continue
-        psnrs.append(metrics.psnr(out.y[face], original.y[face]))
+        psnrs.append(image_quality.psnr(out.y[face], original.y[face]))
     flicker = meter.flicker("out")
     return CarryForwardRow(
         restore_every=every,

@@ -21,12 +21,13 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from kfgan_daemon.errors import InputError, OutputError
+from kfgan_daemon.errors import ConfigError, OutputError
 from kfgan_daemon.eval.end_to_end import PLAIN_SENDER, ComparedFrame, compare_decoded, face_psnr, measure
 from kfgan_daemon.eval.panels import Panel, caption_height, join_panels, snapshot_picture
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.encode import degrade_like_a_call
-from kfgan_daemon.restore.file_job import EncodeOptions, RestoreSummary, open_sink, resolve_output, restore_file
+from kfgan_daemon.media.x264 import EncodeOptions
+from kfgan_daemon.restore.file_job import RestoreSummary, open_sink, resolve_output, restore_file
 from kfgan_daemon.restore.generator import CropGenerator
 from kfgan_daemon.restore.settings import RestoreSettings
 
@@ -94,7 +95,7 @@ def write_comparison(
         with FileSource(source) as probe:
             # Said before minutes of restoration where the file declares its length; checked again as it is read.
             if probe.frame_count is not None and snapshot >= probe.frame_count:
-                raise InputError(_beyond_the_end(source, snapshot, probe.frame_count))
+                raise ConfigError(_beyond_the_end(source, snapshot, probe.frame_count))
     with tempfile.TemporaryDirectory(prefix="kfgan-compare-") as scratch:
         folder = Path(scratch)
         received = source
@@ -108,14 +109,17 @@ def write_comparison(
         clip_psnr: dict[str, float] = {}
         if degrade_crf is not None:
             # The eval's own measurement, over the clip, before any frame is drawn with it.
-            scores = measure(source, files, source.stem, PLAIN_SENDER)
+            scores = measure(source, files, source.stem, PLAIN_SENDER, settings=settings)
             if scores.face_frames:
                 clip_psnr = {name: scores.rows[name].face_psnr for name in names if name in scores.rows}
         titles = {ORIGINAL: "original", RECEIVED: f"received, CRF {degrade_crf}" if with_original else "input",
                   RESTORED: "restored"}
         drawing = _Drawing(names, titles, clip_psnr, with_original)
         # Without an original the received call is the reference the face is tracked on.
-        compared = compare_decoded(source, files) if with_original else compare_decoded(received, {RESTORED: restored})
+        compared = (
+            compare_decoded(source, files, settings) if with_original
+            else compare_decoded(received, {RESTORED: restored}, settings)
+        )
         with closing(compared):
             if snapshot is not None:
                 written = _write_snapshot(compared, drawing, snapshot, snapshot_width, output, received)
@@ -171,7 +175,7 @@ def _write_video(
 
 
 def _beyond_the_end(path: Path, index: int, frames: int) -> str:
-    return f"{path}: a snapshot of frame {index} was asked for, but the call has {frames} frames"
+    return f"snapshot: frame {index} was asked for, but the call has {frames} frames ({path})"
 
 
 def _write_snapshot(
@@ -184,7 +188,7 @@ def _write_snapshot(
             break
         frames += 1
     else:
-        raise InputError(_beyond_the_end(received, index, frames))
+        raise ConfigError(_beyond_the_end(received, index, frames))
     ok, png = cv2.imencode(".png", picture[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise OutputError(f"{output}: PNG encoding failed")

@@ -37,12 +37,12 @@ from kfgan_daemon.errors import MetricUnavailableError
 from kfgan_daemon.eval.bandwidth import RATE_CURVE_OFFSETS, RatePoint, rate_for_quality, saving, video_kbps
 from kfgan_daemon.eval.flicker import FlickerMeter
 from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
-from kfgan_daemon.face import FaceTracker
 from kfgan_daemon.media import DecodedFrame, FileSource
 from kfgan_daemon.media.colour import Box
 from kfgan_daemon.media.encode import SENDERS, degrade_like_a_call
 from kfgan_daemon.restore.file_job import restore_file
 from kfgan_daemon.restore.generator import CropGenerator
+from kfgan_daemon.restore.face_pipeline import face_tracker
 from kfgan_daemon.restore.job import FaceJob
 from kfgan_daemon.restore.settings import RestoreSettings
 
@@ -138,9 +138,12 @@ class ComparedFrame:
     box: Box | None
 
 
-def compare_decoded(original: Path, rows: Mapping[str, Path]) -> Iterator[ComparedFrame]:
-    """The original and every row decoded in lockstep (up to the shortest file), with the face box."""
-    tracker = FaceTracker()
+def compare_decoded(
+    original: Path, rows: Mapping[str, Path], settings: RestoreSettings | None = None
+) -> Iterator[ComparedFrame]:
+    """The original and every row decoded in lockstep (up to the shortest file), with the face box
+    (tracked as ``settings`` track, raw landmarks: the judge's box follows no smoothing of its own)."""
+    tracker = face_tracker(settings or RestoreSettings())
     with ExitStack() as files:
         truth_source = files.enter_context(FileSource(original))
         sources = {key: files.enter_context(FileSource(path)) for key, path in rows.items()}
@@ -165,16 +168,20 @@ def face_psnr(luma: np.ndarray, truth: np.ndarray, box: Box | None) -> float | N
     return _psnr(errors.face_squared, errors.face_pixels)
 
 
-def measure(original: Path, rows: dict[str, Path], clip: str, sender: str, vmaf: bool = False) -> ClipScores:
+def measure(
+    original: Path, rows: dict[str, Path], clip: str, sender: str, vmaf: bool = False,
+    settings: RestoreSettings | None = None,
+) -> ClipScores:
     """Compare each row's decoded luma with the original's, frame by frame (up to the shortest file).
 
-    ``vmaf`` adds VMAF and VMAF-NEG (raises MetricUnavailableError without vmaf-torch).
+    ``vmaf`` adds VMAF and VMAF-NEG (raises MetricUnavailableError without vmaf-torch); the face
+    box is tracked as ``settings`` track.
     """
     errors = {key: _Errors() for key in rows}
     flicker = FlickerMeter()
     vmaf_meter = VmafMeter() if vmaf else None
     frames = face_frames = 0
-    for compared in compare_decoded(original, rows):
+    for compared in compare_decoded(original, rows, settings):
         truth, box = compared.truth, compared.box
         lumas = {key: frame.luma for key, frame in compared.rows.items()}
         for key, luma in lumas.items():
@@ -228,7 +235,7 @@ def evaluate_end_to_end(
         folder = workdir or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="kfgan-eval-")))
         folder.mkdir(parents=True, exist_ok=True)
         for clip in clips:
-            curve = rate_curve(clip, rate_crfs, folder, max_frames)
+            curve = rate_curve(clip, rate_crfs, folder, max_frames, settings)
             for sender in senders:
                 stem = f"{clip.stem}-{sender}-crf{crf}"
                 received = folder / f"{stem}.mp4"
@@ -238,14 +245,16 @@ def evaluate_end_to_end(
                 restore_file(received, restored, generator, settings, progress=False)
                 restore_file(received, ablation, WithoutReference(generator), settings, progress=False)  # type: ignore[arg-type]
                 rows = {INPUT_ROW: received, MODEL_ROW: restored, NO_REFERENCE_ROW: ablation}
-                scores = measure(clip, rows, clip.stem, sender, vmaf=vmaf)
+                scores = measure(clip, rows, clip.stem, sender, vmaf=vmaf, settings=settings)
                 scores = replace(scores, kbps=video_kbps(received) if curve else None, curve=curve)
                 log.info("end-to-end %s (%s sender, %s kbit/s): %s", clip.stem, sender, scores.kbps, scores.rows)
                 results.append(scores)
     return results
 
 
-def rate_curve(clip: Path, crfs: Sequence[int], folder: Path, max_frames: int | None = None) -> tuple[RatePoint, ...]:
+def rate_curve(
+    clip: Path, crfs: Sequence[int], folder: Path, max_frames: int | None = None, settings: RestoreSettings | None = None
+) -> tuple[RatePoint, ...]:
     """The plain sender's bitrate and face PSNR on ``clip`` at each CRF, measured as every row is."""
     if not crfs:
         return ()
@@ -253,7 +262,7 @@ def rate_curve(clip: Path, crfs: Sequence[int], folder: Path, max_frames: int | 
     for crf in crfs:
         encoded[f"crf{crf}"] = path = folder / f"{clip.stem}-{PLAIN_SENDER}-curve-crf{crf}.mp4"
         degrade_like_a_call(clip, path, crf, max_frames=max_frames, audio=False, x264_options=SENDERS[PLAIN_SENDER])
-    scores = measure(clip, encoded, clip.stem, PLAIN_SENDER)
+    scores = measure(clip, encoded, clip.stem, PLAIN_SENDER, settings=settings)
     curve = tuple(RatePoint(crf, video_kbps(encoded[f"crf{crf}"]), scores.rows[f"crf{crf}"].face_psnr) for crf in crfs)
     log.info("rate curve of %s (plain sender): %s", clip.stem, curve)
     return curve

@@ -21,34 +21,31 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from torch import nn
 from tqdm import tqdm
 
-from kfgan_daemon.errors import InputError, MetricUnavailableError
-from kfgan_daemon.eval import metrics
+from kfgan_daemon.errors import ConfigError, InputError, MetricUnavailableError
+from kfgan_daemon.eval import image_quality
 from kfgan_daemon.eval.flicker import FlickerMeter, face_region_mask
 from kfgan_daemon.eval.lpips import Lpips, LpipsWeights
 from kfgan_daemon.eval.report import ClipResult, EvalReport, Example, RowResult, average_rows, write_grid, write_json, write_markdown
 from kfgan_daemon.eval.vmaf import VmafMeter, vmaf_unavailable_reason
-from kfgan_daemon.face import CROP_SIZE, FaceTracker, align_frame, landmark_image, mls_warp
+from kfgan_daemon.face import CROP_SIZE
 from kfgan_daemon.face.paste import native_detail_delta
-from kfgan_daemon.keyframes import KeyframeStore
 from kfgan_daemon.media import FileSource
 from kfgan_daemon.media.encode import degrade_like_a_call
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.restore.generator import CropGenerator, as_picture
 from kfgan_daemon.restore.job import FaceJob
+from kfgan_daemon.restore.face_pipeline import REFERENCE_MODES, Face, FacePipeline, ReferenceMode, decoded_crop
 from kfgan_daemon.restore.repeats import EmittedFrame
 from kfgan_daemon.restore.settings import RestoreSettings
-from kfgan_daemon.restore.stream import landmark_smoother, paste_restored, stream_time
+from kfgan_daemon.restore.stream import paste_restored
 
 log = logging.getLogger(__name__)
 
-ReferenceMode = Literal["hq", "stream"]
-REFERENCE_MODES: tuple[str, ...] = ("hq", "stream")
 CLIP_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".y4m")
 INPUT_KEY = "input"
 NO_REFERENCE_SUFFIX = ":no_reference"
@@ -102,7 +99,7 @@ def list_clips(clips: Sequence[Path] | Path) -> list[Path]:
         return found
     paths = [Path(p) for p in clips]
     if not paths:
-        raise InputError("no clips to evaluate")
+        raise ConfigError("clips: no clips to evaluate")
     for path in paths:
         if not path.is_file():
             raise InputError(f"clip {path} does not exist")
@@ -115,20 +112,22 @@ class _LoadedModel:
     generator: CropGenerator
 
 
-def _open(spec: ModelSpec, device: str) -> CropGenerator:
+def _open(spec: ModelSpec, device: str, settings: RestoreSettings) -> CropGenerator:
     if isinstance(spec.source, nn.Module):
         return CropGenerator(spec.source.eval(), device=device)
     from kfgan_daemon.restore.model_choice import open_generator
 
-    return open_generator(spec.source, variant=spec.variant, device=device)
+    return open_generator(spec.source, variant=spec.variant, device=device, settings=settings)
 
 
-def _load_models(models: Iterable[ModelSpec | Path | str], device: str) -> list[_LoadedModel]:
+def _load_models(
+    models: Iterable[ModelSpec | Path | str], device: str, settings: RestoreSettings
+) -> list[_LoadedModel]:
     loaded: list[_LoadedModel] = []
     for spec in map(ModelSpec.of, models):
         if spec.name == INPUT_KEY or any(m.name == spec.name for m in loaded):
-            raise InputError(f"a model is named {spec.name!r} twice or like a built-in row; name it with NAME=PATH")
-        loaded.append(_LoadedModel(spec.name, _open(spec, device)))
+            raise ConfigError(f"model: {spec.name!r} is named twice or like a built-in row; name it with NAME=PATH")
+        loaded.append(_LoadedModel(spec.name, _open(spec, device, settings)))
     return loaded
 
 
@@ -143,40 +142,27 @@ class _Sample:
     ablation: FaceJob  # the same inputs with the degraded crop as reference
 
 
-class _ReferenceComposer:
-    """The per-frame composition of StreamRestorer.prepare, with the keyframe source chosen by the eval.
+def original_crop(face: Face) -> np.ndarray:
+    """The ``hq`` keyframe entry: the original frame at the I-frame, cut with the decoded face's matrix."""
+    return face.truth
 
-    StreamRestorer always stores the decoded frame's crop; ``hq`` mode needs the
-    original frame's crop at the same I-frame, cut with the same matrix.
-    """
 
-    def __init__(self, tracker: FaceTracker, settings: RestoreSettings, reference_mode: ReferenceMode) -> None:
-        self.tracker = tracker
-        self.settings = settings
-        self.reference_mode = reference_mode
-        self.store = KeyframeStore(settings.keyframe_store_size, policy=settings.keyframe_policy)
-        self.smoother = landmark_smoother(settings)
+_KEYFRAME_ENTRIES = {"hq": original_crop, "stream": decoded_crop}
 
-    def prepare(self, compressed: DecodedFrame, original: DecodedFrame) -> _Sample | None:
-        landmarks = self.tracker.update(compressed.luma)
-        if self.smoother is not None:
-            new_face = self.tracker.source == "detected"
-            landmarks = self.smoother.follow(landmarks, stream_time(compressed), new_face=new_face)
-        if landmarks is None:
-            return None
-        aligned = align_frame(compressed, landmarks, mode=self.settings.alignment)
-        truth = align_frame(original, landmarks, mode=self.settings.alignment)
-        if compressed.is_keyframe:
-            key_crop = truth.crop if self.reference_mode == "hq" else aligned.crop
-            self.store.offer(compressed.index, aligned.crop_landmarks, key_crop)
-        marks = landmark_image(aligned.crop_landmarks)
-        ablation = FaceJob(aligned.crop, aligned.crop, marks, aligned.matrix, aligned.crop_landmarks, -1)
-        entry = self.store.select(aligned.crop_landmarks)
-        job = None
-        if entry is not None:
-            reference = mls_warp(entry.crop, entry.landmarks, aligned.crop_landmarks, mode=self.settings.warp_mode)
-            job = FaceJob(aligned.crop, reference, marks, aligned.matrix, aligned.crop_landmarks, entry.key_id)
-        return _Sample(aligned.matrix, aligned.crop, truth.crop, job, ablation)
+
+def reference_pipeline(settings: RestoreSettings, reference_mode: ReferenceMode) -> FacePipeline[np.ndarray]:
+    """The restorer's face pipeline, with the keyframe entries ``reference_mode`` names."""
+    return FacePipeline(settings, _KEYFRAME_ENTRIES[reference_mode])
+
+
+def prepare_sample(faces: FacePipeline[np.ndarray], compressed: DecodedFrame, original: DecodedFrame) -> _Sample | None:
+    """One frame through the face pipeline as the restorer runs it (None: no face), with its ground truth."""
+    face = faces.follow(compressed, original)
+    if face is None:
+        return None
+    entry = faces.select(face)
+    job = None if entry is None else faces.job(face, entry)
+    return _Sample(face.aligned.matrix, face.aligned.crop, face.truth, job, faces.job(face, None))
 
 
 @dataclass(slots=True)
@@ -184,23 +170,23 @@ class _RowAccumulator:
     key: str
     label: str
     model: str | None
-    face_psnr: list[float] = field(default_factory=list)
-    face_ssim: list[float] = field(default_factory=list)
-    face_lpips: list[float] = field(default_factory=list)
-    face_luma_bias: list[float] = field(default_factory=list)
+    crop_psnr: list[float] = field(default_factory=list)
+    crop_ssim: list[float] = field(default_factory=list)
+    crop_lpips: list[float] = field(default_factory=list)
+    crop_luma_bias: list[float] = field(default_factory=list)
     frame_psnr: list[float] = field(default_factory=list)
     frame_ssim: list[float] = field(default_factory=list)
     restored_frames: int = 0
 
-    def add_face(self, crop: np.ndarray, truth: np.ndarray, channel: metrics.SsimChannel) -> None:
-        self.face_psnr.append(metrics.psnr(crop, truth))
-        self.face_ssim.append(metrics.ssim(crop, truth, channel))
-        self.face_luma_bias.append(metrics.luma_bias(crop, truth))
+    def add_face(self, crop: np.ndarray, truth: np.ndarray, channel: image_quality.SsimChannel) -> None:
+        self.crop_psnr.append(image_quality.psnr(crop, truth))
+        self.crop_ssim.append(image_quality.ssim(crop, truth, channel))
+        self.crop_luma_bias.append(image_quality.luma_bias(crop, truth))
 
     def add_frame(self, frame: DecodedFrame, truth: DecodedFrame) -> None:
         # Whole frames are compared on their decoded luma planes: no colour conversion in the way.
-        self.frame_psnr.append(metrics.psnr(frame.luma, truth.luma))
-        self.frame_ssim.append(metrics.ssim(frame.luma, truth.luma))
+        self.frame_psnr.append(image_quality.psnr(frame.luma, truth.luma))
+        self.frame_ssim.append(image_quality.ssim(frame.luma, truth.luma))
 
     def result(self, frames: int, face_frames: int, note: str | None) -> RowResult:
         def mean(values: list[float]) -> float | None:
@@ -210,10 +196,10 @@ class _RowAccumulator:
             key=self.key,
             label=self.label,
             model=self.model,
-            face_psnr=mean(self.face_psnr),
-            face_ssim=mean(self.face_ssim),
-            face_lpips=mean(self.face_lpips),
-            face_luma_bias=mean(self.face_luma_bias),
+            crop_psnr=mean(self.crop_psnr),
+            crop_ssim=mean(self.crop_ssim),
+            crop_lpips=mean(self.crop_lpips),
+            crop_luma_bias=mean(self.crop_luma_bias),
             frame_psnr=mean(self.frame_psnr),
             frame_ssim=mean(self.frame_ssim),
             frames=frames,
@@ -232,7 +218,7 @@ class _ClipMeasurement:
         models: list[_LoadedModel],
         reference_mode: str,
         crf: int,
-        channel: metrics.SsimChannel,
+        channel: image_quality.SsimChannel,
         example_at: int,
         vmaf: bool = False,
         device: str = "cpu",
@@ -317,7 +303,7 @@ class _ClipMeasurement:
         if self.lpips is not None:
             distances = self.lpips.distance(list(faces.values()), [truth] * len(faces))
             for key, distance in zip(faces, distances):
-                self.rows[key].face_lpips.append(distance)
+                self.rows[key].crop_lpips.append(distance)
 
     def _measure_frames(self, original: DecodedFrame, images: dict[str, DecodedFrame]) -> None:
         for key, image in images.items():
@@ -360,12 +346,11 @@ def evaluate_clip(
     original_path: Path,
     compressed_path: Path,
     models: list[_LoadedModel],
-    tracker: FaceTracker,
     crf: int,
     reference_mode: ReferenceMode = "hq",
     max_frames: int | None = None,
     settings: RestoreSettings | None = None,
-    ssim_channel: metrics.SsimChannel = "y",
+    ssim_channel: image_quality.SsimChannel = "y",
     progress: bool = False,
     vmaf: bool = False,
     device: str = "cpu",
@@ -373,8 +358,7 @@ def evaluate_clip(
 ) -> tuple[ClipResult, Example | None]:
     """Measure one already compressed clip against its original; returns the clip's rows and an example."""
     settings = settings or RestoreSettings()
-    tracker.reset()
-    composer = _ReferenceComposer(tracker, settings, reference_mode)
+    faces = reference_pipeline(settings, reference_mode)
     started = time.perf_counter()
     length_note = None
     with FileSource(original_path) as original_source, FileSource(compressed_path) as compressed_source:
@@ -402,7 +386,7 @@ def evaluate_clip(
                     if original is not compressed:
                         length_note = "the compressed and original videos differ in length; compared the common frames only"
                     break
-                measurement.add(original, compressed, composer.prepare(compressed, original))
+                measurement.add(original, compressed, prepare_sample(faces, compressed, original))
                 bar.update(1)
     rows = measurement.row_results()
     notes = [rows[0].note if measurement.face_frames == 0 else None, length_note]
@@ -436,7 +420,7 @@ def evaluate(
     gop_seconds: float = 1.0,
     settings: RestoreSettings | None = None,
     device: str = "cpu",
-    ssim_channel: metrics.SsimChannel = "y",
+    ssim_channel: image_quality.SsimChannel = "y",
     vmaf: bool = False,
     lpips: LpipsWeights | None = None,
     keep_compressed: bool = False,
@@ -451,11 +435,11 @@ def evaluate(
     keeps the re-encoded clips in ``out_dir/compressed``; ``write=False`` only returns the report.
     """
     if reference_mode not in REFERENCE_MODES:
-        raise InputError(f"unknown reference mode {reference_mode!r}; use hq or stream")
+        raise ConfigError(f"reference mode: {reference_mode!r} is not one of {', '.join(REFERENCE_MODES)}")
     if not 0 <= crf <= 51:
-        raise InputError(f"CRF {crf} is outside libx264's range 0..51")
+        raise ConfigError(f"crf: CRF {crf} is outside libx264's range 0..51")
     if max_frames is not None and max_frames < 1:
-        raise InputError("max_frames must be at least 1")
+        raise ConfigError("max_frames: must be at least 1")
     unavailable = vmaf_unavailable_reason()
     if vmaf and unavailable:
         raise MetricUnavailableError(unavailable)
@@ -469,13 +453,7 @@ def evaluate(
     )
     settings = settings or RestoreSettings()
     clip_paths = list_clips(clips)
-    loaded = _load_models(models, device)
-    tracker = FaceTracker(
-        detector=settings.detector,
-        redetect_interval=settings.redetect_interval,
-        predictor_path=settings.predictor_path,
-        detector_path=settings.detector_path,
-    )
+    loaded = _load_models(models, device, settings)
     out_dir = Path(out_dir)
     results: list[ClipResult] = []
     examples: list[Example] = []
@@ -490,7 +468,6 @@ def evaluate(
                 clip,
                 compressed_path,
                 loaded,
-                tracker,
                 crf,
                 reference_mode=reference_mode,
                 max_frames=max_frames,
@@ -510,7 +487,7 @@ def evaluate(
         gop_seconds=gop_seconds,
         max_frames=max_frames,
         models=[m.name for m in loaded],
-        conventions=metrics.conventions(ssim_channel),
+        conventions=image_quality.conventions(ssim_channel),
         clips=results,
         average=average_rows(results),
         vmaf_note=vmaf_note,

@@ -13,10 +13,10 @@ import numpy as np
 from kfgan_daemon.errors import OutputError
 
 METRICS = (
-    "face_psnr",
-    "face_ssim",
-    "face_lpips",
-    "face_luma_bias",
+    "crop_psnr",
+    "crop_ssim",
+    "crop_lpips",
+    "crop_luma_bias",
     "face_flicker",
     "frame_psnr",
     "frame_ssim",
@@ -24,12 +24,12 @@ METRICS = (
     "vmaf_neg",
 )
 # Shown only when some row has a value: optional packages, user-given weights, or a face to measure.
-OPTIONAL_METRICS = ("face_lpips", "face_luma_bias", "face_flicker", "vmaf", "vmaf_neg")
+OPTIONAL_METRICS = ("crop_lpips", "crop_luma_bias", "face_flicker", "vmaf", "vmaf_neg")
 _HEADINGS = {
-    "face_psnr": "face PSNR (dB)",
-    "face_ssim": "face SSIM",
-    "face_lpips": "face LPIPS",
-    "face_luma_bias": "face ΔY",
+    "crop_psnr": "crop PSNR (dB)",
+    "crop_ssim": "crop SSIM",
+    "crop_lpips": "crop LPIPS",
+    "crop_luma_bias": "crop ΔY",
     "face_flicker": "face flicker (Y levels)",
     "frame_psnr": "frame PSNR (dB)",
     "frame_ssim": "frame SSIM",
@@ -49,10 +49,10 @@ class RowResult:
     key: str
     label: str
     model: str | None
-    face_psnr: float | None = None
-    face_ssim: float | None = None
-    face_lpips: float | None = None
-    face_luma_bias: float | None = None
+    crop_psnr: float | None = None
+    crop_ssim: float | None = None
+    crop_lpips: float | None = None
+    crop_luma_bias: float | None = None
     face_flicker: float | None = None
     frame_psnr: float | None = None
     frame_ssim: float | None = None
@@ -139,7 +139,7 @@ def average_rows(clips: list[ClipResult]) -> list[RowResult]:
         for metric in METRICS:
             values = [getattr(row, metric) for row in rows if getattr(row, metric) is not None]
             setattr(result, metric, float(np.mean(values)) if values else None)
-            if values and len(values) < len(rows) and metric.startswith("face"):
+            if values and len(values) < len(rows) and metric.startswith(("crop_", "face_")):
                 missing.append(metric)
         result.frames = sum(row.frames for row in rows)
         result.face_frames = sum(row.face_frames for row in rows)
@@ -147,7 +147,7 @@ def average_rows(clips: list[ClipResult]) -> list[RowResult]:
         if missing:
             without = [clip.clip for clip in clips if clip.face_frames == 0]
             result.note = f"face metrics averaged over clips with a face only (none found in: {', '.join(without)})"
-        elif result.face_psnr is None:
+        elif result.crop_psnr is None:
             result.note = "no face found in any clip: face metrics not reported"
         averaged.append(result)
     return averaged

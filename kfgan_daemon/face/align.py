@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import cv2
 import numpy as np
 
-from kfgan_daemon.errors import InputError
 from kfgan_daemon.media.colour import Box, even_box
 
 if TYPE_CHECKING:
@@ -28,7 +27,7 @@ CROP_SIZE = 256
 DESIRED_LEFT_EYE = (0.38, 0.45)
 
 AlignmentMode = Literal["subpixel", "published"]
-ALIGNMENT_MODES: tuple[str, ...] = ("subpixel", "published")
+ALIGNMENT_MODES: tuple[str, ...] = get_args(AlignmentMode)
 
 
 @dataclass
@@ -43,14 +42,12 @@ class AlignedFace:
 def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:
     points = np.asarray(landmarks, dtype=np.float64)
     if points.shape != (68, 2):
-        raise InputError(f"expected 68x2 landmarks, got shape {points.shape}")
+        raise ValueError(f"expected 68x2 landmarks, got shape {points.shape}")
     return points
 
 
 def alignment_matrix(landmarks: np.ndarray, size: int = CROP_SIZE, mode: AlignmentMode = "subpixel") -> np.ndarray:
     """2x3 similarity transform (frame -> size x size crop) from 68 landmarks."""
-    if mode not in ALIGNMENT_MODES:
-        raise InputError(f"unknown alignment mode {mode!r}; expected one of {ALIGNMENT_MODES}")
     points = _check_landmarks(landmarks)
     left_eye = points[42:48].mean(axis=0)
     right_eye = points[36:42].mean(axis=0)
@@ -61,7 +58,7 @@ def alignment_matrix(landmarks: np.ndarray, size: int = CROP_SIZE, mode: Alignme
     dx, dy = (right_eye - left_eye).tolist()
     eye_distance = math.hypot(dx, dy)
     if eye_distance == 0:
-        raise InputError("degenerate landmarks: both eye centres coincide")
+        raise ValueError("degenerate landmarks: both eye centres coincide")
     angle = math.degrees(math.atan2(dy, dx)) - 180.0
     desired_distance = (1.0 - 2.0 * DESIRED_LEFT_EYE[0]) * size
     scale = desired_distance / eye_distance
@@ -133,9 +130,14 @@ def align_frame(
 ) -> AlignedFace:
     """:func:`align_face` on a YUV frame: an RGB crop, converting only the pixels under the crop."""
     matrix = alignment_matrix(landmarks, size, mode)
+    return AlignedFace(crop=cut_crop(frame, matrix, size), matrix=matrix, crop_landmarks=crop_landmarks(landmarks, matrix))
+
+
+def cut_crop(frame: "DecodedFrame", matrix: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """The size x size RGB crop of a YUV frame through ``matrix`` (frame -> crop), converting only
+    the pixels under it; black where the crop lies outside the frame. The ground truth of a face is
+    the original frame cut with the compressed frame's matrix."""
     box = crop_footprint(matrix, (size, size), frame.width, frame.height)
     if box is None:
-        crop = np.zeros((size, size, 3), np.uint8)
-    else:
-        crop = cv2.warpAffine(frame.rgb(box), region_matrix(matrix, box), (size, size), flags=cv2.INTER_CUBIC)
-    return AlignedFace(crop=crop, matrix=matrix, crop_landmarks=crop_landmarks(landmarks, matrix))
+        return np.zeros((size, size, 3), np.uint8)
+    return cv2.warpAffine(frame.rgb(box), region_matrix(matrix, box), (size, size), flags=cv2.INTER_CUBIC)

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
 
-from kfgan_daemon.errors import InputError
 from kfgan_daemon.face.child import ModelProcess
 from kfgan_daemon.face.models import cnn_detector_pool, hog_detector_pool, load_cnn_detector, load_hog_detector
 
 DetectorKind = Literal["hog", "cnn"]
-DETECTOR_KINDS: tuple[str, ...] = ("hog", "cnn")
+DETECTOR_KINDS: tuple[str, ...] = get_args(DetectorKind)
 
 
 @dataclass(frozen=True)
@@ -78,10 +77,8 @@ class FaceDetector:
         upsample: int | None = None,
         full_frame: DetectorProcess | None = None,
     ):
-        if kind not in DETECTOR_KINDS:
-            raise InputError(f"unknown face detector {kind!r}; expected one of {DETECTOR_KINDS}")
         if full_frame is not None and (full_frame.kind, full_frame.path) != (kind, path):
-            raise InputError(f"the full-frame detector process runs {full_frame.kind!r}, not {kind!r} from {path}")
+            raise ValueError(f"the full-frame detector process runs {full_frame.kind!r}, not {kind!r} from {path}")
         self.kind = kind
         self.upsample = (1 if kind == "cnn" else 0) if upsample is None else int(upsample)
         self._pool = cnn_detector_pool(path) if kind == "cnn" else hog_detector_pool()

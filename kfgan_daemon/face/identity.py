@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from kfgan_daemon.errors import InputError
 from kfgan_daemon.face.child import ModelProcess
 from kfgan_daemon.face.models import face_recognizer_pool
 
@@ -44,10 +43,10 @@ class FaceDescriber:
         import dlib
 
         if crop_rgb.ndim != 3 or crop_rgb.shape[2] != 3 or crop_rgb.dtype != np.uint8:
-            raise InputError(f"expected an HxWx3 uint8 RGB crop, got {crop_rgb.shape} {crop_rgb.dtype}")
+            raise ValueError(f"expected an HxWx3 uint8 RGB crop, got {crop_rgb.shape} {crop_rgb.dtype}")
         points = np.rint(np.asarray(crop_landmarks, dtype=np.float64)).astype(np.int64)
         if points.shape != (68, 2):
-            raise InputError(f"expected 68x2 landmarks, got shape {points.shape}")
+            raise ValueError(f"expected 68x2 landmarks, got shape {points.shape}")
         left, top = points.min(axis=0).tolist()
         right, bottom = points.max(axis=0).tolist()
         shape = dlib.full_object_detection(

@@ -16,15 +16,13 @@ destination landmarks give exactly the identity even after truncation.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 
-from kfgan_daemon.errors import InputError
-
 WarpMode = Literal["fast", "published"]
-WARP_MODES: tuple[str, ...] = ("fast", "published")
+WARP_MODES: tuple[str, ...] = get_args(WarpMode)
 FAST_GRID_STEP = 8
 # Squared distances below this count as "the pixel is the control point": the MLS map's
 # limit there is the control point's own destination, and 1/d^2 would overflow.
@@ -43,7 +41,7 @@ def mls_displacement(
     dst = np.asarray(dst_points, dtype=np.float64)
     src = np.asarray(src_points, dtype=np.float64)
     if dst.ndim != 2 or dst.shape[1] != 2 or dst.shape != src.shape or len(dst) < 3:
-        raise InputError(f"MLS needs matching Nx2 control points (N >= 3), got {dst.shape} and {src.shape}")
+        raise ValueError(f"MLS needs matching Nx2 control points (N >= 3), got {dst.shape} and {src.shape}")
     # Work about the control points' centroid: moments of small numbers lose less precision.
     origin = dst.mean(axis=0)
     p = dst - origin
@@ -160,6 +158,6 @@ def mls_warp(
         return _published_warp(image, src, dst)
     if mode == "fast":
         if grid_step < 1:
-            raise InputError(f"grid_step must be >= 1, got {grid_step}")
+            raise ValueError(f"grid_step must be >= 1, got {grid_step}")
         return _fast_warp(image, src, dst, grid_step)
-    raise InputError(f"unknown MLS warp mode {mode!r}; expected one of {WARP_MODES}")
+    raise ValueError(f"unknown MLS warp mode {mode!r}; expected one of {WARP_MODES}")

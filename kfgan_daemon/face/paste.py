@@ -28,12 +28,11 @@ resolution with the 2x2 box average; a weight of 0 leaves the sample unchanged.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 
-from kfgan_daemon.errors import InputError
 from kfgan_daemon.face.align import crop_footprint, region_matrix
 from kfgan_daemon.face.native_detail import NativeDetailFilter, band_strength, native_band
 from kfgan_daemon.media.colour import Box, add_to_region, blend_region, chroma_box, rgb_delta_to_yuv
@@ -41,8 +40,8 @@ from kfgan_daemon.media.frame import DecodedFrame
 
 PasteMode = Literal["correction", "replace"]
 MaskShape = Literal["continuous", "published"]
-PASTE_MODES: tuple[str, ...] = ("correction", "replace")
-MASK_SHAPES: tuple[str, ...] = ("continuous", "published")
+PASTE_MODES: tuple[str, ...] = get_args(PasteMode)
+MASK_SHAPES: tuple[str, ...] = get_args(MaskShape)
 
 # Pixels of margin around the crop's footprint: the mask must be zero on the rectangle's
 # inner edges so that erosion and blur there see what they would see on the full frame.
@@ -175,15 +174,11 @@ def paste_face(
     under the same mask: the model's native detail filter (:func:`native_detail_delta`).
     """
     if restored.ndim != 3 or restored.shape[2] != 3:
-        raise InputError(f"paste_face needs an HxWx3 RGB crop, got shape {restored.shape}")
-    if mode not in PASTE_MODES:
-        raise InputError(f"unknown paste mode {mode!r}; expected one of {PASTE_MODES}")
-    if mask not in MASK_SHAPES:
-        raise InputError(f"unknown paste mask {mask!r}; expected one of {MASK_SHAPES}")
+        raise ValueError(f"paste_face needs an HxWx3 RGB crop, got shape {restored.shape}")
     if mode == "correction" and (compressed is None or compressed.shape != restored.shape):
-        raise InputError("paste mode 'correction' needs the compressed crop, the size of the restored one")
+        raise ValueError("paste mode 'correction' needs the compressed crop, the size of the restored one")
     if mode == "replace" and luma_detail is not None:
-        raise InputError("luma_detail is added by the correction paste only; the replace paste drops the native band")
+        raise ValueError("luma_detail is added by the correction paste only; the replace paste drops the native band")
     out = frame.copy()
     crop_size = restored.shape[:2]
     box = paste_box(matrix, crop_size, frame.width, frame.height)
@@ -208,7 +203,7 @@ def paste_face(
     delta_y = cv2.warpAffine(delta_y, inverse, size, flags=cv2.INTER_LINEAR)
     if luma_detail is not None:
         if luma_detail.shape != delta_y.shape:
-            raise InputError(f"luma_detail is {luma_detail.shape}, the paste box {delta_y.shape}")
+            raise ValueError(f"luma_detail is {luma_detail.shape}, the paste box {delta_y.shape}")
         delta_y = cv2.add(delta_y, luma_detail)
     weight = paste_weights(matrix, crop_size, box, mask, face_area)
     cbox = chroma_box(box)

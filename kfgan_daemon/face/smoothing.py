@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kfgan_daemon.errors import InputError
+from kfgan_daemon.errors import ConfigError
 from kfgan_daemon.face.landmarks import ShapeFrame
 
 # Used when frames carry no timestamps, or two frames carry the same one.
@@ -33,8 +33,8 @@ class OneEuroSettings:
 
     def __post_init__(self) -> None:
         if self.min_cutoff <= 0 or self.d_cutoff <= 0 or self.beta < 0:
-            raise InputError(
-                f"One Euro settings must have min_cutoff > 0, d_cutoff > 0 and beta >= 0, got {self}"
+            raise ConfigError(
+                f"landmark smoothing: min_cutoff and d_cutoff must be > 0 and beta >= 0, got {self}"
             )
 
 
@@ -71,7 +71,7 @@ class LandmarkSmoother:
         """Filtered copy of ``landmarks`` (68x2 float64, frame coordinates) at ``timestamp`` seconds."""
         points = np.array(landmarks, dtype=np.float64)
         if points.shape != (68, 2):
-            raise InputError(f"expected 68x2 landmarks, got shape {points.shape}")
+            raise ValueError(f"expected 68x2 landmarks, got shape {points.shape}")
         if self._value is None:
             self._value, self._speed, self._time = points, np.zeros_like(points), timestamp
             return points.copy()

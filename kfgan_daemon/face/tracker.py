@@ -20,7 +20,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from kfgan_daemon.errors import InputError
+from kfgan_daemon.errors import ConfigError
 from kfgan_daemon.face.detector import DetectorKind, DetectorProcess, FaceBox, FaceDetector
 from kfgan_daemon.face.landmarks import PREDICTOR_BOX, LandmarkPredictor, ShapeFrame, shape_residual
 
@@ -90,11 +90,11 @@ class FaceTracker:
         full_frame_detector: DetectorProcess | None = None,
     ):
         if redetect_interval < 1:
-            raise InputError(f"redetect_interval must be >= 1, got {redetect_interval}")
+            raise ConfigError(f"redetect_interval must be >= 1, got {redetect_interval}")
         if search_interval < 1:
-            raise InputError(f"search_interval must be >= 1, got {search_interval}")
+            raise ValueError(f"search_interval must be >= 1, got {search_interval}")
         if detect_scale is not None and not 0.0 < detect_scale <= 4.0:
-            raise InputError(f"detect_scale must be in (0, 4], got {detect_scale}")
+            raise ValueError(f"detect_scale must be in (0, 4], got {detect_scale}")
         self.detector = FaceDetector(detector, detector_path, upsample, full_frame_detector)
         self.predictor = LandmarkPredictor(predictor_path)
         self.redetect_interval = int(redetect_interval)
@@ -274,7 +274,7 @@ def _to_gray(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         # A copy: the tracker keeps the previous frame, and callers may reuse their buffer.
         return np.array(image, dtype=np.uint8, order="C")
-    raise InputError(f"expected an H x W luma plane (DecodedFrame.luma), got shape {image.shape}")
+    raise ValueError(f"expected an H x W luma plane (DecodedFrame.luma), got shape {image.shape}")
 
 
 def _search_region(box: FaceBox, shape: tuple[int, ...]) -> tuple[tuple[int, int, int, int] | None, float]:

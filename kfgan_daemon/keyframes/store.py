@@ -24,14 +24,14 @@ Policies when a keyframe arrives and the set is full:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
-from kfgan_daemon.errors import InputError
+from kfgan_daemon.errors import ConfigError
 
 KeyframePolicy = Literal["lfu", "max_distance"]
-KEYFRAME_POLICIES: tuple[str, ...] = ("lfu", "max_distance")
+KEYFRAME_POLICIES: tuple[str, ...] = get_args(KeyframePolicy)
 
 
 @dataclass
@@ -47,9 +47,7 @@ class KeyframeStore:
 
     def __init__(self, max_size: int = 10, policy: KeyframePolicy = "lfu"):
         if max_size < 1:
-            raise InputError(f"keyframe store max_size must be >= 1, got {max_size}")
-        if policy not in KEYFRAME_POLICIES:
-            raise InputError(f"unknown keyframe policy {policy!r}; expected one of {KEYFRAME_POLICIES}")
+            raise ConfigError(f"keyframe store size must be >= 1, got {max_size}")
         self.max_size = int(max_size)
         self.policy: KeyframePolicy = policy
         self._entries: list[KeyframeEntry] = []
@@ -69,7 +67,7 @@ class KeyframeStore:
         """Offer a new keyframe; returns whether it was stored."""
         points = np.array(landmarks, dtype=np.float64)
         if self._entries and points.shape != self._entries[0].landmarks.shape:
-            raise InputError(
+            raise ValueError(
                 f"keyframe landmarks of shape {points.shape} do not match the stored {self._entries[0].landmarks.shape}"
             )
         entry = KeyframeEntry(key_id=key_id, landmarks=points, crop=crop)
@@ -98,7 +96,7 @@ class KeyframeStore:
         points = np.asarray(landmarks, dtype=np.float64)
         stacked = np.stack([entry.landmarks for entry in self._entries])
         if points.shape != stacked.shape[1:]:
-            raise InputError(f"landmarks of shape {points.shape} do not match the stored {stacked.shape[1:]}")
+            raise ValueError(f"landmarks of shape {points.shape} do not match the stored {stacked.shape[1:]}")
         return np.sqrt(((stacked - points) ** 2).reshape(len(stacked), -1).sum(axis=1))
 
     def _nearest(self, landmarks: np.ndarray) -> int | None:

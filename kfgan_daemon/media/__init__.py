@@ -5,10 +5,12 @@ from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.media.sink import FileSink
 from kfgan_daemon.media.source import FileSource
 from kfgan_daemon.media.vcam import VirtualCameraSink
+from kfgan_daemon.media.x264 import EncodeOptions
 from kfgan_daemon.media.y4m import Y4MWriter
 
 __all__ = [
     "DecodedFrame",
+    "EncodeOptions",
     "FileSink",
     "FileSource",
     "VirtualCameraSink",

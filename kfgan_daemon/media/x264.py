@@ -1,4 +1,11 @@
-"""The one place libx264 is set up: files, RTP streams and the degraded clips of tests and datasets."""
+"""The one place libx264 is set up: files, RTP streams and the degraded clips of tests and datasets.
+
+Two classes, two jobs: :class:`EncodeOptions` is what a user asks of an output
+(the command line's ``--crf``, ``--bitrate``, ``--gop``, ``--preset``,
+``--lossless``); :class:`H264Settings` is the whole libx264 set-up a sink or
+RTP sender builds from those and its own needs (tune, live profile, extra
+options).
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -9,6 +16,42 @@ import av
 from av.codec.context import Flags
 
 from kfgan_daemon.media.colour import ColourSpace
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeOptions:
+    """What a user asks of an output's encoder: rate control, keyframe interval and preset.
+
+    Rate control, first that applies: ``lossless`` (qp 0, yuv420p: every decoded
+    plane comes back bit for bit), ``bitrate`` (bits/s), else ``crf``.
+    ``crf=None`` leaves the CRF to the output: a restored file matches it to the
+    input's quantiser, an RTP output takes the ``default_crf`` it passes to
+    :meth:`sink_options`. ``gop`` is in frames (``None``: the output's default).
+    """
+
+    crf: int | None = None
+    bitrate: int | None = None
+    gop: int | None = None
+    preset: str = "medium"
+    lossless: bool = False
+
+    def sink_options(self, default_crf: int) -> dict[str, object]:
+        """Keywords for ``FileSink`` and ``RtpSender``: crf (``default_crf`` when unset), qp, bitrate, preset, gop."""
+        return {
+            "crf": self.crf if self.crf is not None else default_crf,
+            "qp": 0 if self.lossless else None,
+            "bitrate": self.bitrate,
+            "preset": self.preset,
+            "gop": self.gop,
+        }
+
+    def describe(self) -> str:
+        """How the output is encoded, for summaries: "CRF 7", "lossless (qp 0)", "1000000 bit/s"."""
+        if self.lossless:
+            return "lossless (qp 0)"
+        if self.bitrate is not None:
+            return f"{self.bitrate} bit/s"
+        return f"CRF {self.crf}" if self.crf is not None else "CRF (the output's default)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,7 +62,10 @@ def load_generator(
     chosen = variant or checkpoint.variant or _guess_variant(checkpoint.state_dict)
     if checkpoint.variant is not None and variant is not None and variant != checkpoint.variant:
         raise ModelError(f"{origin} holds a {checkpoint.variant} generator, not {variant}")
-    module = build_generator(chosen, checkpoint.config)
+    try:
+        module = build_generator(chosen, checkpoint.config)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{origin}: its config does not fit the {chosen} generator ({exc})") from exc
     load_weights(module, checkpoint.state_dict, origin)
     return module.to(torch.device(device)).eval()
 

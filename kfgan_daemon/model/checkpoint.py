@@ -8,8 +8,9 @@ metadata names the architecture (``variant``) and its constructor keywords
 (tensors under ``native_detail.``, see :mod:`kfgan_daemon.face.native_detail`) and a
 gain on its correction by the frame's quantiser (tensors under ``quantiser_strength.``,
 see :mod:`kfgan_daemon.model.quantiser_strength`), both kept apart from the generator's
-state dict, and a ``reference_flow`` entry that says how its keyframe is to be refined
-(:mod:`kfgan_daemon.face.reference_flow`).
+state dict, a ``reference_flow`` entry that says how its keyframe is to be refined
+(:mod:`kfgan_daemon.face.reference_flow`), and a ``face_settings`` entry (JSON) that
+records how its training faces were cut (:func:`kfgan_daemon.restore.face_pipeline.face_record`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from kfgan_daemon.model import quantiser_strength as strength
 from kfgan_daemon.model.quantiser_strength import QuantiserStrength
 
 REFERENCE_FLOW_KEY = "reference_flow"
+FACE_SETTINGS_KEY = "face_settings"
 
 PUBLISHED_KEYS = ("params", "params_ema", "state_dict")
 PUBLISHED_HINT = (
@@ -50,6 +52,8 @@ class Checkpoint:
     # How the model expects its warped keyframe refined (see face.reference_flow); None: as warped.
     reference_flow: str | None = None
     quantiser_strength: QuantiserStrength | None = None
+    # The face settings its training faces were cut with (None: not recorded, e.g. the published file).
+    face_settings: dict[str, Any] | None = None
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -72,10 +76,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{path}: not a readable .safetensors file ({exc})") from exc
-    try:
-        config = json.loads(metadata.get("config", "{}"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: its 'config' metadata is not JSON ({exc})") from exc
+    config = _json_metadata(metadata, "config", path) or {}
     extra = {
         key: tensors.pop(key).numpy()
         for key in [k for k in tensors if k.startswith((detail.TENSOR_PREFIX, strength.TENSOR_PREFIX))]
@@ -83,8 +84,18 @@ def _read_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(
         tensors, metadata.get("variant"), config, NativeDetailFilter.from_tensors(extra, str(path)),
         check_reference_flow(metadata.get(REFERENCE_FLOW_KEY), str(path)),
-        QuantiserStrength.from_tensors(extra, str(path)),
+        QuantiserStrength.from_tensors(extra, str(path)), _json_metadata(metadata, FACE_SETTINGS_KEY, path),
     )
+
+
+def _json_metadata(metadata: Mapping[str, str], key: str, path: Path) -> Any:
+    """The JSON value under ``key`` (None: absent)."""
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: its {key!r} metadata is not JSON ({exc})") from exc
 
 
 def _read_torch(path: Path) -> Checkpoint:
@@ -140,9 +151,11 @@ def save_safetensors(
     config: Mapping[str, Any] | None = None,
     half: bool = False,
     reference_flow: str | None = None,
+    face_settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``module``'s weights as .safetensors with {"variant", "config"} metadata, atomically;
-    ``reference_flow`` records how the model was trained to have its keyframe refined."""
+    ``reference_flow`` records how the model was trained to have its keyframe refined,
+    ``face_settings`` how its training faces were cut."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -154,6 +167,8 @@ def save_safetensors(
     metadata = {"variant": variant, "config": json.dumps(dict(config or {}), sort_keys=True)}
     if check_reference_flow(reference_flow, str(path)) is not None:
         metadata[REFERENCE_FLOW_KEY] = reference_flow
+    if face_settings is not None:
+        metadata[FACE_SETTINGS_KEY] = json.dumps(dict(face_settings), sort_keys=True)
     return _write_safetensors(tensors, metadata, path)
 
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from kfgan_daemon.media import FileSink, FileSource
 from kfgan_daemon.media.encode import degrade_like_a_call
 from kfgan_daemon.media.quantiser import QuantiserProfile, probe_quantiser
+from kfgan_daemon.media.x264 import EncodeOptions
 from kfgan_daemon.restore.generator import CropGenerator
 from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.restore.stream import RestoreStats, StreamRestorer
@@ -38,26 +39,6 @@ def output_crf(profile: QuantiserProfile | None) -> int:
     if profile is None:
         return MAX_AUTO_CRF
     return int(np.clip(math.floor(profile.effective - OUTPUT_QP_MARGIN), 0, MAX_AUTO_CRF))
-
-
-@dataclass(frozen=True, slots=True)
-class EncodeOptions:
-    """Output encoding: a CRF matched to the input unless the user names one, a bitrate or a
-    lossless file.
-
-    A fixed CRF cannot keep every call: CRF 18 costs a CRF-42 call 0.04-0.1 dB of luma
-    PSNR but a CRF-32 one 0.2-0.4 dB, because a better call has less error of its own for
-    the re-encoding's to hide in. So by default (``crf=None``) the output's CRF is
-    :data:`OUTPUT_QP_MARGIN` steps finer than the input's effective quantiser (see
-    :func:`output_crf`); files of good calls grow accordingly. ``lossless`` (libx264 qp 0,
-    yuv420p) costs nothing: every decoded plane comes back bit for bit.
-    """
-
-    crf: int | None = None
-    bitrate: int | None = None
-    preset: str = "medium"
-    gop: int | None = None
-    lossless: bool = False
 
 
 @dataclass(slots=True)
@@ -108,12 +89,19 @@ def restore_file(
         encode = resolve_output(encode, source_path)
         _restore_frames(source_path, output_path, generator, restorer, encode, progress)
     summary = summarize(restorer.stats, time.perf_counter() - start)
-    summary.output = _describe_output(encode)
+    summary.output = encode.describe()
     return summary
 
 
 def resolve_output(encode: EncodeOptions, source_path: Path) -> EncodeOptions:
-    """``encode`` with its CRF chosen from the input's quantiser when the user set none."""
+    """``encode`` with its CRF chosen from the input's quantiser when the user set none.
+
+    A fixed CRF cannot keep every call: CRF 18 costs a CRF-42 call 0.04-0.1 dB of luma
+    PSNR but a CRF-32 one 0.2-0.4 dB, because a better call has less error of its own for
+    the re-encoding's to hide in. So by default the output's CRF is
+    :data:`OUTPUT_QP_MARGIN` steps finer than the input's effective quantiser (see
+    :func:`output_crf`); files of good calls grow accordingly.
+    """
     if encode.crf is not None:
         return encode
     if encode.lossless or encode.bitrate is not None:
@@ -125,14 +113,6 @@ def resolve_output(encode: EncodeOptions, source_path: Path) -> EncodeOptions:
     else:
         log.info("output CRF %d: the input's effective quantiser is %.1f (mean %.1f)", crf, profile.effective, profile.mean)
     return replace(encode, crf=crf)
-
-
-def _describe_output(encode: EncodeOptions) -> str:
-    if encode.lossless:
-        return "lossless (qp 0)"
-    if encode.bitrate is not None:
-        return f"{encode.bitrate} bit/s"
-    return f"CRF {encode.crf}"
 
 
 def _restore_frames(
@@ -155,16 +135,7 @@ def _restore_frames(
 
 def open_sink(source: FileSource, output_path: Path, encode: EncodeOptions, **size: int) -> FileSink:
     """A sink like ``source`` (timing, colour, audio) encoding as ``encode`` says; ``size`` overrides width/height."""
-    return FileSink.like(
-        source,
-        output_path,
-        crf=encode.crf,
-        qp=0 if encode.lossless else None,
-        bitrate=encode.bitrate,
-        preset=encode.preset,
-        gop=encode.gop,
-        **size,
-    )
+    return FileSink.like(source, output_path, **encode.sink_options(MAX_AUTO_CRF), **size)
 
 
 def summarize(stats: RestoreStats, seconds: float) -> RestoreSummary:

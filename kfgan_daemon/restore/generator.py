@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kfgan_daemon.errors import ConfigError
 from kfgan_daemon.face.native_detail import NativeDetailFilter
 from kfgan_daemon.face.reference_flow import refined_references
 from kfgan_daemon.model.quantiser_strength import QuantiserStrength, scale_corrections
@@ -90,7 +91,7 @@ class CropGenerator:
         self.quantiser_strength = quantiser_strength
         self.device = torch.device(device)
         if half and self.device.type == "cpu":
-            raise ValueError("half precision needs a CUDA device; use float32 on the CPU")
+            raise ConfigError("half: half precision needs a CUDA device; use float32 on the CPU")
         self.dtype = torch.float16 if half else torch.float32
         self.module = module.to(self.device, self.dtype).eval()
 

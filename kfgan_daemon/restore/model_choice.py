@@ -1,12 +1,19 @@
 """Which generator a command uses when the user names none, and how it is opened."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kfgan_daemon.errors import ModelError
+from kfgan_daemon.restore.face_pipeline import cut_differently
 from kfgan_daemon.restore.generator import CropGenerator
+from kfgan_daemon.restore.settings import RestoreSettings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "kfgan-guided.safetensors"
 MODEL_ENV = "KFGAN_MODEL"
@@ -51,11 +58,13 @@ def open_generator(
     half: bool = False,
     runtime: str = "torch",
     threads: int = 1,
+    settings: RestoreSettings | None = None,
 ) -> CropGenerator:
     """The generator of ``checkpoint`` (default: see :func:`resolve_model_path`), ready for batches of jobs.
 
     ``runtime="onnxruntime"`` (CPU only) runs it under ONNX Runtime on ``threads``
-    threads (see :mod:`kfgan_daemon.restore.onnx_generator`).
+    threads (see :mod:`kfgan_daemon.restore.onnx_generator`). With ``settings`` (those the
+    faces will be cut with), a model whose training faces were cut otherwise is warned about.
     """
     from kfgan_daemon.model import load_generator, read_checkpoint
     from kfgan_daemon.restore.onnx_generator import RUNTIMES, OnnxCropGenerator
@@ -66,6 +75,8 @@ def open_generator(
         raise ModelError("runtime 'onnxruntime' runs on the CPU in float32; use --runtime torch for cuda or --half")
     path = resolve_model_path(checkpoint)
     read = read_checkpoint(path)
+    if settings is not None:
+        warn_if_cut_differently(read.face_settings, settings, path)
     module = load_generator(read, variant=variant, device=device)
     if runtime == "onnxruntime":
         return OnnxCropGenerator(  # type: ignore[return-value]
@@ -76,3 +87,15 @@ def open_generator(
         module, device=device, half=half, source=path.resolve(), native_detail=read.native_detail,
         reference_flow=read.reference_flow, quantiser_strength=read.quantiser_strength,
     )
+
+
+def warn_if_cut_differently(record: Mapping[str, Any] | None, settings: RestoreSettings, model: Path) -> list[str]:
+    """One warning naming where ``settings`` cut faces unlike the model's training faces (``record``,
+    from its file; None: not recorded, nothing to judge); returns the differences."""
+    differences = [] if record is None else cut_differently(record, settings)
+    if differences:
+        log.warning(
+            "%s was trained on faces cut with other settings (trained -> now: %s); it restores less well than "
+            "it measured", model.name, "; ".join(differences),
+        )
+    return differences

@@ -1,18 +1,30 @@
-"""Per-stream restoration settings (plain data; the service validates them at its edge)."""
+"""Per-stream restoration settings: plain data whose choices are checked once, here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
+
+from kfgan_daemon.errors import ConfigError
+from kfgan_daemon.face.align import AlignmentMode
+from kfgan_daemon.face.detector import DetectorKind
+from kfgan_daemon.face.mls import WarpMode
+from kfgan_daemon.face.paste import MaskShape, PasteMode
+from kfgan_daemon.keyframes.store import KeyframePolicy
 
 
 @dataclass(frozen=True, slots=True)
 class RestoreSettings:
-    detector: Literal["hog", "cnn"] = "hog"
+    """How one stream is restored. Every ``Literal`` field is checked on construction (a
+    :class:`ConfigError` naming the field), so the face, keyframe and paste steps that act on
+    these choices need not check them again; the service's config and the command line's typed
+    choices reject a bad value earlier still, with the option's own name."""
+
+    detector: DetectorKind = "hog"
     redetect_interval: int = 15
     keyframe_store_size: int = 10
-    keyframe_policy: Literal["lfu", "max_distance"] = "lfu"
-    warp_mode: Literal["fast", "published"] = "fast"
+    keyframe_policy: KeyframePolicy = "lfu"
+    warp_mode: WarpMode = "fast"
     # Root-mean-square landmark distance (crop pixels) between the current face and the
     # nearest stored keyframe above which the store cannot help this pose; the WebRTC
     # path then asks the sender for a fresh I-frame (PLI).
@@ -21,7 +33,7 @@ class RestoreSettings:
     detector_path: Path | None = None
     # "subpixel" keeps the eye centres fractional so the crop follows the face smoothly;
     # "published" casts them to int as the authors' code does (for parity).
-    alignment: Literal["subpixel", "published"] = "subpixel"
+    alignment: AlignmentMode = "subpixel"
     # One Euro filter on the landmarks the restorer uses (see face.smoothing); off: raw landmarks.
     smooth_landmarks: bool = True
     smoothing_min_cutoff: float = 1.0
@@ -36,10 +48,10 @@ class RestoreSettings:
     # "correction" adds the generator's change (restored minus compressed crop) to the frame's
     # own pixels, so a face larger than the crop keeps its detail; "replace" pastes the
     # restored crop itself, as the published code does (for parity).
-    paste_mode: Literal["correction", "replace"] = "correction"
+    paste_mode: PasteMode = "correction"
     # "continuous": a paste mask whose inset and softness follow the face size smoothly;
     # "published": the authors' integer erosion and blur, which jump as the face size changes.
-    paste_mask: Literal["continuous", "published"] = "continuous"
+    paste_mask: MaskShape = "continuous"
     # Where the decoder repeated a pixel of the previous frame exactly (a skipped block) and the
     # paste changes it, the output moves this fraction of the way from the previous output towards
     # the fresh restoration (see restore.repeats): a face the codec kept still stays still.
@@ -48,3 +60,15 @@ class RestoreSettings:
     # A frame the live engine cannot restore in time gets the last restored frame's correction,
     # moved with the face, if that frame is at most this many seconds of stream time older.
     carry_forward_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+# field name -> its allowed values, read once from the Literal annotations
+_CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(hint) for name, hint in get_type_hints(RestoreSettings).items() if get_origin(hint) is Literal
+}

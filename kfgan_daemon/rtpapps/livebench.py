@@ -33,16 +33,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry
 
 from kfgan_daemon.bench import describe_machine_speed, measure_generator_ms_one_thread
-from kfgan_daemon.engine.engine import StreamEngine
 from kfgan_daemon.engine.heap import CollectorControl
 from kfgan_daemon.engine.planner import PlanSummary
 from kfgan_daemon.engine.settings import EngineSettings, OverloadPolicy
 from kfgan_daemon.engine.stream import Outcome
-from kfgan_daemon.rtpapps.clipsender import RtpClipSenderProcess, encode_clip
-from kfgan_daemon.rtpapps.pipe import PIPE_MAX_LATENCY, EncoderOptions, PipeSummary, SentFrame, run_pipe
+from kfgan_daemon.errors import ConfigError
+from kfgan_daemon.media.x264 import EncodeOptions
+from kfgan_daemon.process import DaemonProcess, Runtime
+from kfgan_daemon.rtpapps.clipsender import EncodedClip, RtpClipSenderProcess, PlayReport, encode_clip
+from kfgan_daemon.rtpapps.pipe import (
+    PIPE_ENCODE,
+    PIPE_MAX_LATENCY,
+    PipeHooks,
+    PipeOptions,
+    PipeSummary,
+    RtpPipe,
+    SentFrame,
+)
 
 if TYPE_CHECKING:
     from kfgan_daemon.engine.inference import BatchGenerator
@@ -161,12 +170,158 @@ class _Lane:
     sender: RtpClipSenderProcess
     counter: _OutputCounter
     transport: asyncio.DatagramTransport
+    pipe: RtpPipe | None = None
     sent: list[SentFrame] = field(default_factory=list)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def output(self) -> str:
         return f"rtp://127.0.0.1:{self.transport.get_extra_info('sockname')[1]}"
+
+
+@dataclass(slots=True)
+class _Measured:
+    """What the measured period left behind, read into a :class:`LiveBenchResult` after the process stops."""
+
+    reports: list[PlayReport]
+    plan: PlanSummary
+    cpu_seconds: float
+    wall_seconds: float
+    threads_before: dict[str, float]
+    threads_after: dict[str, float]
+    collections_before: dict[int, tuple[int, float]]
+    collections_after: dict[int, tuple[int, float]]
+
+
+class LiveBenchMode:
+    """The live bench as a mode of :class:`~kfgan_daemon.process.DaemonProcess`, so that it starts,
+    warms and stops the engine exactly as ``pipe`` and ``serve`` do: cameras in processes of their own,
+    one :class:`RtpPipe` each on the shared engine, observed through the pipe's hooks."""
+
+    name = "live bench"
+
+    def __init__(self, clip: Path, generator: "BatchGenerator", plan: "_BenchPlan") -> None:
+        self.clip = clip
+        self.generator = generator
+        self.plan = plan
+        self.encoded: EncodedClip | None = None
+        self.machine_ms: float | None = None
+        self.lanes: list[_Lane] = []
+        self.measured: _Measured | None = None
+        self.summaries: list[PipeSummary] = []
+        self._runtime: Runtime | None = None
+        self._folder = tempfile.TemporaryDirectory(prefix="kfgan-livebench-")
+
+    async def prepare(self) -> None:
+        plan = self.plan
+        self.encoded = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: encode_clip(
+                self.clip,
+                size=plan.size,
+                frame_rate=plan.rate,
+                crf=plan.crf,
+                gop=plan.gop or round(2 * (plan.rate or 25)),
+                max_frames=None if plan.rate is None else int(plan.total_seconds * plan.rate) + 1,
+            ),
+        )
+        # Before the engine starts: the torch thread count is process-wide, so nothing else may use torch meanwhile.
+        self.machine_ms = measure_generator_ms_one_thread(self.generator)
+        loop = asyncio.get_running_loop()
+        for n in range(1, plan.streams + 1):
+            counter = _OutputCounter()
+            transport, _ = await loop.create_datagram_endpoint(lambda c=counter: c, local_addr=("127.0.0.1", 0))
+            lane = _Lane(RtpClipSenderProcess(self.encoded, "127.0.0.1", _free_udp_port()), counter, transport)
+            self.lanes.append(lane)
+            input_sdp = Path(self._folder.name) / f"in-{n}.sdp"
+            input_sdp.write_text(lane.sender.session_description().to_sdp())
+            lane.pipe = RtpPipe(
+                input_sdp,
+                lane.output,
+                PipeOptions(encoder=plan.output_encoder, policy=plan.policy),
+                stream_id=f"pipe-{n}",
+                restore_settings=plan.restore_settings,
+                hooks=PipeHooks(on_sent=lane.sent.append),
+            )
+
+    async def start(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        for lane in self.lanes:
+            assert lane.pipe is not None
+            await lane.pipe.open(runtime.engine)
+
+    async def run(self) -> None:
+        assert self._runtime is not None
+        pipes = [asyncio.create_task(lane.pipe.run()) for lane in self.lanes if lane.pipe is not None]
+        try:
+            self.measured = await self._measure(self._runtime)
+            await asyncio.sleep(max(0.5, 2 * self._runtime.engine.settings.max_latency))  # the last frames out
+        finally:
+            await self.drain()
+            await asyncio.gather(*pipes, return_exceptions=True)
+        self.summaries = [lane.pipe.summary() for lane in self.lanes if lane.pipe is not None]
+
+    async def _measure(self, runtime: Runtime) -> _Measured:
+        warmup = self.plan.warmup
+        async with contextlib.AsyncExitStack() as cameras:
+            for lane in self.lanes:
+                await cameras.enter_async_context(lane.sender)
+            start_at = time.monotonic() + CAMERA_START_MARGIN
+            measurement = asyncio.create_task(_measurement_start(start_at + warmup, runtime.collector))
+            plays = [
+                asyncio.create_task(lane.sender.play(seconds=self.plan.total_seconds, start_at=start_at))
+                for lane in self.lanes
+            ]
+            try:
+                reports = await asyncio.gather(*plays)
+                plan = runtime.engine.planner.summary()
+                threads_before, process_before, collections_before, measured_since = await measurement
+            finally:
+                # After an error, before the cameras stop: no task may still wait on a closed pipe.
+                for task in (measurement, *plays):
+                    task.cancel()
+        return _Measured(
+            reports=list(reports),
+            plan=plan,
+            cpu_seconds=time.process_time() - process_before,
+            wall_seconds=time.monotonic() - measured_since,
+            threads_before=threads_before,
+            threads_after=_thread_cpu_seconds(),
+            collections_before=collections_before,
+            collections_after=runtime.collector.pause_totals(),
+        )
+
+    async def drain(self) -> None:
+        await asyncio.gather(*(lane.pipe.finish() for lane in self.lanes if lane.pipe is not None))
+
+    async def close(self) -> None:
+        for lane in self.lanes:
+            if lane.pipe is not None:
+                await lane.pipe.close()
+            lane.transport.close()
+        self._folder.cleanup()
+
+    def ready_status(self) -> str:
+        return f"live bench of {self.clip.name}, {len(self.lanes)} camera(s)"
+
+
+@dataclass(frozen=True, slots=True)
+class _BenchPlan:
+    """The bench's parameters, as given."""
+
+    rate: Fraction | None
+    size: tuple[int, int] | None
+    warmup: float
+    seconds: float
+    crf: int
+    gop: int | None
+    policy: OverloadPolicy
+    restore_settings: "RestoreSettings | None"
+    output_encoder: EncodeOptions
+    streams: int
+
+    @property
+    def total_seconds(self) -> float:
+        return self.warmup + self.seconds
 
 
 async def live_bench(
@@ -182,7 +337,7 @@ async def live_bench(
     policy: OverloadPolicy = "passthrough",
     engine_settings: EngineSettings | None = None,
     restore_settings: "RestoreSettings | None" = None,
-    output_encoder: EncoderOptions = EncoderOptions(),
+    output_encoder: EncodeOptions = PIPE_ENCODE,
     streams: int = 1,
 ) -> LiveBenchResult:
     """Send ``clip`` (looped, resized to ``size`` = (width, height), at ``fps`` or its own rate) through
@@ -192,129 +347,66 @@ async def live_bench(
     engine (their faces batched on one generator): how many calls a machine carries.
     """
     if streams < 1:
-        raise ValueError("streams must be at least 1")
-    rate = Fraction(fps).limit_denominator(1001) if fps is not None else None
-    total_seconds = warmup + seconds
-    loop = asyncio.get_running_loop()
-    encoded = await loop.run_in_executor(
-        None,
-        lambda: encode_clip(
-            clip,
-            size=size,
-            frame_rate=rate,
-            crf=crf,
-            gop=gop or round(2 * (rate or 25)),
-            max_frames=None if rate is None else int(total_seconds * rate) + 1,
-        ),
+        raise ConfigError("streams: must be at least 1")
+    plan = _BenchPlan(
+        rate=Fraction(fps).limit_denominator(1001) if fps is not None else None,
+        size=size, warmup=warmup, seconds=seconds, crf=crf, gop=gop, policy=policy,
+        restore_settings=restore_settings, output_encoder=output_encoder, streams=streams,
     )
-    rate = encoded.frame_rate
-    # Before the engine starts: the torch thread count is process-wide, so nothing else may use torch meanwhile.
-    machine_ms = measure_generator_ms_one_thread(generator)
-    settings = engine_settings or EngineSettings(max_latency=PIPE_MAX_LATENCY)
-    engine = StreamEngine(generator, settings)
-    await engine.start()
-    stop = asyncio.Event()
-    lanes: list[_Lane] = []
-    pipes: list[asyncio.Task[PipeSummary]] = []
-    gc_control = CollectorControl(CollectorRegistry())
-    try:
-        await engine.warm_up(restore_settings)
-        gc_control.freeze()  # as the daemon and the pipe do once ready
-        for _ in range(streams):
-            counter = _OutputCounter()
-            transport, _ = await loop.create_datagram_endpoint(lambda c=counter: c, local_addr=("127.0.0.1", 0))
-            lanes.append(_Lane(RtpClipSenderProcess(encoded, "127.0.0.1", _free_udp_port()), counter, transport))
-        with tempfile.TemporaryDirectory(prefix="kfgan-livebench-") as folder:
-            for n, lane in enumerate(lanes, 1):
-                input_sdp = Path(folder) / f"in-{n}.sdp"
-                input_sdp.write_text(lane.sender.session_description().to_sdp())
-                pipes.append(
-                    asyncio.create_task(
-                        run_pipe(
-                            input_sdp,
-                            lane.output,
-                            generator,
-                            encoder=output_encoder,
-                            policy=policy,
-                            restore_settings=restore_settings,
-                            stop=stop,
-                            on_sent=lane.sent.append,
-                            on_ready=lambda _, ready=lane.ready: ready.set(),
-                            handle_signals=False,
-                            engine=engine,
-                            stream_id=f"pipe-{n}",
-                        ),
-                        name=f"kfgan-livebench-pipe-{n}",
-                    )
-                )
-            try:
-                await asyncio.wait_for(asyncio.gather(*(lane.ready.wait() for lane in lanes)), 30)
-                async with contextlib.AsyncExitStack() as cameras:
-                    for lane in lanes:
-                        await cameras.enter_async_context(lane.sender)
-                    start_at = time.monotonic() + CAMERA_START_MARGIN
-                    measurement = asyncio.create_task(_measurement_start(start_at + warmup, gc_control))
-                    plays = [
-                        asyncio.create_task(lane.sender.play(seconds=total_seconds, start_at=start_at))
-                        for lane in lanes
-                    ]
-                    try:
-                        reports = await asyncio.gather(*plays)
-                        plan = engine.planner.summary()
-                        threads_before, process_before, collections_before, measured_since = await measurement
-                    finally:
-                        # After an error, before the cameras stop: no task may still wait on a closed pipe.
-                        for task in (measurement, *plays):
-                            task.cancel()
-                threads_after, cpu_seconds = _thread_cpu_seconds(), time.process_time() - process_before
-                measured_wall = time.monotonic() - measured_since
-                collections_after = gc_control.pause_totals()
-                await asyncio.sleep(max(0.5, 2 * settings.max_latency))
-            finally:
-                stop.set()
-                summaries = await asyncio.gather(*pipes)
-    finally:
-        for lane in lanes:
-            lane.transport.close()
-        await engine.stop(drain=False)
-        gc_control.close()
+    mode = LiveBenchMode(clip, generator, plan)
+    await DaemonProcess(
+        mode,
+        generator,
+        engine_settings=engine_settings or EngineSettings(max_latency=PIPE_MAX_LATENCY),
+        restore_settings=restore_settings,
+        handle_signals=False,
+    ).serve()
+    assert mode.measured is not None and mode.encoded is not None
+    return _result(mode, plan, mode.measured)
+
+
+def _result(mode: LiveBenchMode, plan: _BenchPlan, measured: _Measured) -> LiveBenchResult:
+    """The measured period's frames, latencies and costs, over every lane."""
+    warmup = plan.warmup
     latencies: list[float] = []
     legs: dict[str, list[float]] = {"camera late": [], "network": [], "engine": [], "output": []}
     outcomes: list[Outcome] = []
     frames_sent = frames_out = frames_received = 0
     rates = []
-    for lane, report in zip(lanes, reports):
+    for lane, report in zip(mode.lanes, measured.reports):
         measured_from = report.started_at + warmup
         due = dict(zip(report.timestamps, report.scheduled_at))
         sent_at = dict(zip(report.timestamps, report.sent_at))
-        measured = [item for item in lane.sent if due.get(item.output.frame.pts, 0.0) >= measured_from]
-        for item in measured:
+        frames = [item for item in lane.sent if due.get(item.output.frame.pts, 0.0) >= measured_from]
+        for item in frames:
             pts = item.output.frame.pts
             latencies.append(item.sent_at - due[pts])
             legs["camera late"].append(sent_at[pts] - due[pts])
             legs["network"].append(item.output.arrival - sent_at[pts])
             legs["engine"].append(item.output.emitted - item.output.arrival)
             legs["output"].append(item.sent_at - item.output.emitted)
-        outcomes += [item.output.outcome for item in measured]
+        outcomes += [item.output.outcome for item in frames]
         frames_sent += sum(1 for at in report.scheduled_at if at >= measured_from)
-        frames_out += len(measured)
+        frames_out += len(frames)
         received = [at for at in lane.counter.frames if at >= measured_from]
         frames_received += len(received)
         rates.append(_rate(received))
-    cpu_ms_per_frame = 1000 * cpu_seconds / frames_sent if frames_sent else None
+    cpu_ms_per_frame = 1000 * measured.cpu_seconds / frames_sent if frames_sent else None
     thread_cpu_ms = {
-        role: 1000 * (seconds - threads_before.get(role, 0.0)) / frames_sent
-        for role, seconds in threads_after.items()
+        role: 1000 * (seconds - measured.threads_before.get(role, 0.0)) / frames_sent
+        for role, seconds in measured.threads_after.items()
         if frames_sent
     }
-    for summary in summaries:
+    for summary in mode.summaries:
         log.info("live bench pipe summary: %s", summary.describe())
+    encoded = mode.encoded
+    assert encoded is not None
     return LiveBenchResult(
-        clip=str(clip),
+        clip=str(mode.clip),
         width=encoded.width,
         height=encoded.height,
-        target_fps=float(rate),
-        seconds=seconds,
+        target_fps=float(encoded.frame_rate),
+        seconds=plan.seconds,
         frames_sent=frames_sent,
         frames_out=frames_out,
         frames_received=frames_received,
@@ -334,22 +426,22 @@ async def live_bench(
             if values
         },
         sustained_fps=min(rates),
-        policy=policy,
-        generator=type(getattr(generator, "module", generator)).__name__,
+        policy=plan.policy,
+        generator=type(getattr(mode.generator, "module", mode.generator)).__name__,
         cpu_ms_per_frame=cpu_ms_per_frame,
-        cores_used=cpu_seconds / measured_wall,
+        cores_used=measured.cpu_seconds / measured.wall_seconds,
         thread_cpu_ms=dict(sorted(thread_cpu_ms.items(), key=lambda item: -item[1])),
-        stage_ms=summaries[0].stage_median_ms,
+        stage_ms=mode.summaries[0].stage_median_ms,
         load_average=os.getloadavg(),
-        streams=streams,
-        plan=plan,
+        streams=plan.streams,
+        plan=measured.plan,
         collections={
-            generation: (count - collections_before[generation][0],
-                         1000 * (seconds_in_all - collections_before[generation][1]))
-            for generation, (count, seconds_in_all) in collections_after.items()
+            generation: (count - measured.collections_before[generation][0],
+                         1000 * (seconds_in_all - measured.collections_before[generation][1]))
+            for generation, (count, seconds_in_all) in measured.collections_after.items()
         },
-        generator_ms_one_thread=machine_ms,
-        camera_pids=[report.pid for report in reports],
+        generator_ms_one_thread=mode.machine_ms,
+        camera_pids=[report.pid for report in measured.reports],
     )
 
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import aiohttp_cors
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from kfgan_daemon.engine import StreamEngine
 from kfgan_daemon.service.capacity import capacity_in_use, stream_limit
@@ -153,8 +153,11 @@ async def bearer_token(request: web.Request, handler) -> web.StreamResponse:
 
 
 def _authorized(request: web.Request) -> bool:
-    """The request carries the configured bearer token, or none is configured."""
-    token = request.app[STATE_KEY].settings.token
+    return carries_token(request, request.app[STATE_KEY].settings.token)
+
+
+def carries_token(request: web.Request, token: SecretStr | None) -> bool:
+    """The request carries ``token`` as its bearer token, or no token is configured."""
     if token is None:
         return True
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")

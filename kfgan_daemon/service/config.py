@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from kfgan_daemon.errors import ConfigError
+from kfgan_daemon.janus.config import JanusSettings
 
 if TYPE_CHECKING:
     from kfgan_daemon.restore.settings import RestoreSettings
@@ -56,6 +57,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
+        # KFGAN_JANUS__URL sets [janus] url
+        env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
         case_sensitive=False,
@@ -164,6 +167,9 @@ class Settings(BaseSettings):
     watchdog: bool = Field(True, description="send systemd WATCHDOG=1 pings when the unit sets WatchdogSec")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    # kfgan-daemon janus: the Janus server and rooms to restore (the [janus] table)
+    janus: JanusSettings | None = Field(None, description="the Janus VideoRooms `kfgan-daemon janus` restores")
 
     @classmethod
     def settings_customise_sources(

@@ -1,30 +1,26 @@
-"""The daemon's lifecycle: listen, load and warm the model, serve, drain on SIGTERM, exit 0.
+"""``kfgan-daemon serve``: the HTTP service as a mode of the daemon's process lifecycle.
 
+The phases are :class:`~kfgan_daemon.process.DaemonProcess`'s, shared with
+``pipe``, ``bench --live`` and ``janus``; what is the service's own is here.
 Start-up order: the HTTP server first (``/healthz`` answers and ``/readyz``
 says "loading" meanwhile), then the model is loaded and one batch is run on it
-in a thread, then the streaming engine starts, what is alive then is exempted
-from garbage collection (``engine.heap``), ``/readyz`` turns ready and
-systemd hears ``READY=1``. On SIGTERM or SIGINT: ``/readyz`` turns 503
-(draining), new offers get 503, live calls go on until their callers hang up,
-for at most ``drain_timeout``; then the calls still live hand out the frames
-they hold, peers are hung up, the engine stops, and the process exits with
-status 0. Under systemd with ``WatchdogSec=``, ``WATCHDOG=1`` is sent from
-the event loop at half the interval, so a stuck loop gets the unit restarted.
+in a thread, then the streaming engine starts and warms, ``/readyz`` turns
+ready and systemd hears ``READY=1``. On SIGTERM or SIGINT: ``/readyz`` turns
+503 (draining), new offers get 503, live calls go on until their callers hang
+up, for at most ``drain_timeout``; then the calls still live hand out the
+frames they hold, peers are hung up, the engine stops, and the process exits
+with status 0.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import time
 from collections.abc import Callable
 
 from aiohttp import web
 
 from kfgan_daemon.engine import EngineSettings, StreamEngine, run_async
-from kfgan_daemon.engine.heap import CollectorControl
-from kfgan_daemon.errors import KfganError
+from kfgan_daemon.process import CLEANUP_TIMEOUT, DaemonProcess, Runtime, bounded
 from kfgan_daemon.service.app import ServiceState, create_app
 from kfgan_daemon.service.capacity import CapacityCollector
 from kfgan_daemon.service.config import Settings
@@ -35,47 +31,10 @@ from kfgan_daemon.service.vcam import VirtualCameraMirror
 
 log = logging.getLogger(__name__)
 
-# Seconds each shutdown step may take beyond the configured drain.
-_CLEANUP_TIMEOUT = 5.0
 # Seconds beyond max_latency_ms that the frames a hung-up call holds may take to come out.
 _FLUSH_MARGIN = 1.0
 # Seconds aiohttp gives open HTTP requests when the server closes.
 _HTTP_SHUTDOWN = 1.0
-
-
-class SystemdNotifier:
-    """sd_notify(3) over ``$NOTIFY_SOCKET``; does nothing when the daemon is not run by systemd."""
-
-    def __init__(self) -> None:
-        self._notifier = None
-        if os.environ.get("NOTIFY_SOCKET"):
-            import sdnotify
-
-            self._notifier = sdnotify.SystemdNotifier()
-            if self._notifier.socket is not None:
-                # Called from the event loop: a notification the manager is too busy
-                # to take is dropped (sdnotify swallows the error), never waited for.
-                self._notifier.socket.setblocking(False)
-
-    @property
-    def active(self) -> bool:
-        return self._notifier is not None
-
-    def notify(self, state: str) -> None:
-        if self._notifier is not None:
-            self._notifier.notify(state)
-
-    @staticmethod
-    def watchdog_interval() -> float | None:
-        """Half of ``$WATCHDOG_USEC`` in seconds when systemd expects pings from this process."""
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        if not usec or (pid and pid != str(os.getpid())):
-            return None
-        try:
-            return int(usec) / 2_000_000
-        except ValueError:
-            return None
 
 
 def _flush_seconds(settings: Settings) -> float:
@@ -91,9 +50,9 @@ def longest_stop(settings: Settings) -> float:
     """
     return (
         settings.drain_timeout
-        + _flush_seconds(settings) + _CLEANUP_TIMEOUT  # the calls still live hand out their frames
-        + _CLEANUP_TIMEOUT  # anything left is hung up
-        + _CLEANUP_TIMEOUT  # the engine stops
+        + _flush_seconds(settings) + CLEANUP_TIMEOUT  # the calls still live hand out their frames
+        + CLEANUP_TIMEOUT  # anything left is hung up
+        + CLEANUP_TIMEOUT  # the engine stops
         + _HTTP_SHUTDOWN
     )
 
@@ -110,17 +69,125 @@ def engine_settings(settings: Settings) -> EngineSettings:
     )
 
 
-def load_generator(settings: Settings):
+def open_configured_generator(settings: Settings):
     """Open the configured generator and, with ``warmup``, run one batch and load the face models."""
     from kfgan_daemon.restore import StreamRestorer
     from kfgan_daemon.restore.model_choice import open_generator
 
-    generator = open_generator(settings.model, variant=settings.variant, device=settings.device, half=settings.half)
+    restore_settings = settings.restore_settings()
+    generator = open_generator(settings.model, variant=settings.variant, device=settings.device, half=settings.half,
+                               settings=restore_settings)
     if settings.warmup:
         generator.warm_up(batch_size=1)
         # The first stream would otherwise load dlib's 100 MB shape predictor on the event loop.
-        StreamRestorer(settings.restore_settings())
+        StreamRestorer(restore_settings)
     return generator
+
+
+class ServiceMode:
+    """The HTTP service as a mode of :class:`~kfgan_daemon.process.DaemonProcess`.
+
+    Start-up: the HTTP server first (``/healthz`` answers and ``/readyz`` says
+    "loading" while the model loads), ready once the engine is warm. Drain: new
+    offers get 503, live calls go on until their callers hang up, for at most
+    ``drain_timeout``; then the calls still live hand out the frames they hold.
+    Close: peers are hung up, the HTTP server closes.
+    """
+
+    name = "serve"
+
+    def __init__(self, settings: Settings, on_listening: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.on_listening = on_listening
+        self.metrics = ServiceMetrics()
+        self.url: str | None = None
+        self.mirror = (
+            VirtualCameraMirror(settings.virtual_camera, settings.virtual_camera_fps, self.metrics)
+            if settings.virtual_camera
+            else None
+        )
+        # Set when the last live call ends: a drain waits on it.
+        self._no_calls = asyncio.Event()
+        self.sessions = SessionManager(
+            settings,
+            self._engine,
+            on_keyframe_request=self.metrics.pli_sent.inc,
+            on_frame=self.mirror.offer if self.mirror is not None else None,
+            on_session_closed=self._session_closed,
+            on_heap_released=lambda released: self.metrics.heap_release_collect.observe(released.collect_seconds),
+        )
+        self.state = ServiceState(settings=settings, metrics=self.metrics, sessions=self.sessions,
+                                  virtual_camera=self.mirror)
+        self.metrics.instance.info({"instance_id": settings.instance_id})
+        self.metrics.registry.register(
+            CapacityCollector(settings.max_streams, self._engine, lambda: len(self.sessions.sessions))
+        )
+        self._runner = web.AppRunner(
+            create_app(self.state), handle_signals=False, access_log=None, shutdown_timeout=_HTTP_SHUTDOWN
+        )
+
+    def _engine(self) -> StreamEngine | None:
+        return self.state.engine
+
+    def _session_closed(self, session) -> None:
+        self.metrics.sessions.set(len(self.sessions.sessions))
+        if not self.sessions.sessions:
+            self._no_calls.set()
+        if self.mirror is not None:
+            self.mirror.release_session(session)
+
+    async def prepare(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await site.start()
+        self.url = listening_url(self._runner, self.settings)
+        log.info("listening on %s", self.url)
+        if self.on_listening is not None:
+            self.on_listening(self.url)
+        self.state.set_status("loading", "loading the model")
+
+    def loaded(self, generator: object) -> None:
+        self.state.model = _model_description(self.settings, generator)
+        self.metrics.model.info(self.state.model)
+
+    async def start(self, runtime: Runtime) -> None:
+        self.state.engine = runtime.engine
+        self.state.set_status("ready")
+        log.info("ready as instance %s (model %s on %s)", self.settings.instance_id,
+                 self.state.model.get("path"), self.settings.device)
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()  # a service serves until stopped
+
+    async def drain(self) -> None:
+        settings = self.settings
+        log.info("stopping: draining %d session(s) for up to %.1f s; exiting within %.0f s",
+                 len(self.sessions.sessions), settings.drain_timeout, longest_stop(settings))
+        self.state.set_status("draining", "shutting down")
+        self.sessions.stop_accepting()
+        if self.sessions.sessions:
+            self._no_calls.clear()
+            try:
+                await asyncio.wait_for(self._no_calls.wait(), settings.drain_timeout)
+                log.info("every call ended while draining")
+            except TimeoutError:
+                log.info("hanging up %d call(s) still live after %.1f s", len(self.sessions.sessions),
+                         settings.drain_timeout)
+        flush = _flush_seconds(settings)
+        await bounded(self.sessions.close_all(drain=True, timeout=flush), flush + CLEANUP_TIMEOUT,
+                      "draining the sessions")
+
+    async def close(self) -> None:
+        if self.state.status in ("loading", "ready"):
+            self.state.set_status("draining", "stop requested during start-up")
+        self.sessions.stop_accepting()
+        await bounded(self.sessions.close_all(drain=False), CLEANUP_TIMEOUT, "hanging up")
+        if self.mirror is not None:
+            self.mirror.close()
+        await self._runner.cleanup()
+
+    def ready_status(self) -> str:
+        return f"serving on {self.url}"
 
 
 async def run_server(
@@ -128,7 +195,8 @@ async def run_server(
     *,
     stop: asyncio.Event | None = None,
     on_listening: Callable[[str], None] | None = None,
-    generator_factory: Callable[[Settings], object] = load_generator,
+    generator_factory: Callable[[Settings], object] = open_configured_generator,
+    handle_signals: bool = True,
 ) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and return.
 
@@ -137,138 +205,25 @@ async def run_server(
     the batch generator in a thread (tests pass a small one).
     Raises :class:`~kfgan_daemon.errors.KfganError` (ModelError, ...) when start-up fails.
     """
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    notifier = SystemdNotifier()
-    metrics = ServiceMetrics()
-    state: ServiceState | None = None
-
-    def engine_getter() -> StreamEngine | None:
-        return state.engine if state is not None else None
-
-    mirror = VirtualCameraMirror(settings.virtual_camera, settings.virtual_camera_fps, metrics) if settings.virtual_camera else None
-
-    # Set when the last live call ends: a drain waits on it.
-    no_calls = asyncio.Event()
-
-    def session_closed(session) -> None:
-        metrics.sessions.set(len(sessions.sessions))
-        if not sessions.sessions:
-            no_calls.set()
-        if mirror is not None:
-            mirror.release_session(session)
-
-    sessions = SessionManager(
-        settings,
-        engine_getter,
-        on_keyframe_request=metrics.pli_sent.inc,
-        on_frame=mirror.offer if mirror is not None else None,
-        on_session_closed=session_closed,
-        on_heap_released=lambda released: metrics.heap_release_collect.observe(released.collect_seconds),
+    mode = ServiceMode(settings, on_listening)
+    process = DaemonProcess(
+        mode,
+        load=lambda: generator_factory(settings),
+        engine_settings=engine_settings(settings),
+        # a detector per face thread now, while no call is live (dlib holds the GIL to build one)
+        restore_settings=settings.restore_settings(),
+        registry=mode.metrics.registry,
+        warm=settings.warmup,
+        watchdog=settings.watchdog,
+        handle_signals=handle_signals,
+        stop=stop,
+        on_loaded=mode.loaded,
     )
-    state = ServiceState(settings=settings, metrics=metrics, sessions=sessions, virtual_camera=mirror)
-    metrics.instance.info({"instance_id": settings.instance_id})
-    metrics.registry.register(CapacityCollector(settings.max_streams, engine_getter, lambda: len(sessions.sessions)))
-    app = create_app(state)
-
-    handled = (signal.SIGTERM, signal.SIGINT)
-    for signum in handled:
-        loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=_HTTP_SHUTDOWN)
-    await runner.setup()
-    watchdog: asyncio.Task[None] | None = None
-    gc_control = CollectorControl(metrics.registry)
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        url = _base_url(runner, settings)
-        log.info("listening on %s", url)
-        if on_listening is not None:
-            on_listening(url)
-        interval = SystemdNotifier.watchdog_interval() if settings.watchdog else None
-        if interval is not None and notifier.active:
-            watchdog = loop.create_task(_watchdog(notifier, interval), name="kfgan-watchdog")
-
-        state.set_status("loading", "loading the model")
-        notifier.notify("STATUS=loading the model")
-        started = time.perf_counter()
-        load = loop.run_in_executor(None, generator_factory, settings)
-        stopped = loop.create_task(stop.wait())
-        done, _ = await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if stopped in done:
-            log.info("stop requested while the model was loading")
-            state.set_status("draining", "stop requested during start-up")
-            return
-        stopped.cancel()
-        try:
-            generator = load.result()
-        except KfganError as exc:
-            state.set_status("failed", str(exc))
-            raise
-        state.model = _model_description(settings, generator)
-        metrics.model.info(state.model)
-        engine = StreamEngine(generator, engine_settings(settings), registry=metrics.registry)
-        await engine.start()
-        if settings.warmup:
-            # a detector per face thread now, while no call is live (dlib holds the GIL to build one)
-            await engine.warm_up(settings.restore_settings())
-        state.engine = engine
-        gc_control.freeze()
-        state.set_status("ready")
-        log.info("ready in %.1f s as instance %s (model %s on %s)", time.perf_counter() - started, settings.instance_id,
-                 state.model.get("path"), settings.device)
-        notifier.notify(f"READY=1\nSTATUS=serving on {url}")
-
-        await stop.wait()
-        log.info("stopping: draining %d session(s) for up to %.1f s; exiting within %.0f s", len(sessions.sessions),
-                 settings.drain_timeout, longest_stop(settings))
-        notifier.notify("STOPPING=1")
-        state.set_status("draining", "shutting down")
-        sessions.stop_accepting()
-        if sessions.sessions:
-            no_calls.clear()
-            try:
-                await asyncio.wait_for(no_calls.wait(), settings.drain_timeout)
-                log.info("every call ended while draining")
-            except TimeoutError:
-                log.info("hanging up %d call(s) still live after %.1f s", len(sessions.sessions),
-                         settings.drain_timeout)
-        flush = _flush_seconds(settings)
-        await _bounded(sessions.close_all(drain=True, timeout=flush), flush + _CLEANUP_TIMEOUT, "draining the sessions")
-    finally:
-        sessions.stop_accepting()
-        await _bounded(sessions.close_all(drain=False), _CLEANUP_TIMEOUT, "hanging up")
-        if state.engine is not None and state.engine.running:
-            await _bounded(state.engine.stop(drain=False), _CLEANUP_TIMEOUT, "stopping the engine")
-        if mirror is not None:
-            mirror.close()
-        if watchdog is not None:
-            watchdog.cancel()
-        gc_control.close()
-        await runner.cleanup()
-        for signum in handled:
-            loop.remove_signal_handler(signum)
-        log.info("stopped")
+    await process.serve()
 
 
-async def _bounded(coro, timeout: float, what: str) -> None:
-    """Await ``coro`` for at most ``timeout`` seconds; a stuck shutdown step must not keep the process alive."""
-    task = asyncio.ensure_future(coro)
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    if not done:
-        task.cancel()
-        log.warning("%s did not finish within %.1f s; going on", what, timeout)
-    elif not task.cancelled() and task.exception() is not None:
-        log.warning("%s failed: %r", what, task.exception())
-
-
-async def _watchdog(notifier: SystemdNotifier, interval: float) -> None:
-    while True:
-        notifier.notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
-
-
-def _base_url(runner: web.AppRunner, settings: Settings) -> str:
+def listening_url(runner: web.AppRunner, settings: Settings) -> str:
+    """The base URL the HTTP server listens on (the port it bound when ``settings.port`` is 0)."""
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
             host = address[0]

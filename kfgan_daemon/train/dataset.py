@@ -3,11 +3,12 @@
 For each high-quality video, CRF and sender (:data:`kfgan_daemon.media.encode.SENDERS`:
 a plain x264 sender, and one whose I-frames are quantised much finer): encode it with
 libx264 (fixed keyframe interval) from the video's own decoded YUV planes, decode
-original and compressed in lockstep, track the face on the compressed luma as the restorer does (same smoothing, same
-alignment), keep I-frame crops in a :class:`KeyframeStore` (LFU, as in the paper), and
-for every sampled frame write the degraded crop, the chosen keyframe MLS-warped onto
-the frame's landmarks in both reference modes, and the ground truth aligned with the
-same matrix.
+original and compressed in lockstep, cut the faces of the compressed frames through the
+restorer's own face pipeline (:class:`~kfgan_daemon.restore.face_pipeline.FacePipeline`,
+built from the options' :class:`RestoreSettings`: same tracking, smoothing, identity
+check, alignment, keyframe store and warp), and for every sampled frame write the
+degraded crop, the chosen keyframe MLS-warped onto the frame's landmarks in both
+reference modes, and the ground truth aligned with the same matrix.
 
 Both reference modes come from one pass: ``hq`` is the keyframe cut from the original
 video at the I-frame (the paper's high-quality keyframes), ``stream`` the same I-frame as
@@ -21,8 +22,10 @@ the decoded planes of both videos: the degraded crop is exactly what a receiver
 converts, never an RGB round trip of the original.
 
 One ``.npz`` of uint8 arrays per (video, CRF, sender); crops are RGB. ``manifest.json`` records
-the options, who is who (persons) and where each video went: splits are by person,
-never by frame or clip, so validation and test faces are faces training never saw.
+the options (the face settings as :func:`~kfgan_daemon.restore.face_pipeline.face_record`
+gives them; the trainer writes them into the model file), who is who (persons) and where
+each video went: splits are by person, never by frame or clip, so validation and test
+faces are faces training never saw.
 Test videos get no sample files: they are measured end to end by ``kfgan-daemon eval``.
 """
 from __future__ import annotations
@@ -34,19 +37,24 @@ import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from kfgan_daemon.errors import ConfigError, InputError
+from kfgan_daemon.face.identity import FaceDescriber
+from kfgan_daemon.keyframes import KeyframeEntry
 from kfgan_daemon.media.encode import SENDERS
+from kfgan_daemon.restore.face_pipeline import REFERENCE_MODES, Face, FacePipeline, face_record, face_tracker
+from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.train.face_tracks import SUFFIX as TRACKS_SUFFIX
-from kfgan_daemon.train.face_tracks import FaceTracks, ReplayedTracker
+from kfgan_daemon.train.face_tracks import FaceTracks, RecordingDescriber, RecordingTracker, Replay
 from kfgan_daemon.train.npz import open_npz
 
 log = logging.getLogger(__name__)
 
-REFERENCE_MODES: tuple[str, ...] = ("hq", "stream")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".y4m")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 3
@@ -67,6 +75,12 @@ SAMPLE_ARRAYS = (
     QUANTISER,
 )
 _REFERENCE_KEYS = {"hq": REFERENCE_HQ, "stream": REFERENCE_STREAM}
+# The face settings a video's kept tracks depend on: the tracker's, and those the identity
+# check's crops are cut with (its descriptors are kept with the tracks).
+TRACKED_FIELDS = (
+    "detector", "redetect_interval", "identity_check", "alignment", "smooth_landmarks", "smoothing_min_cutoff",
+    "smoothing_beta",
+)
 
 
 def reference_key(mode: str) -> str:
@@ -166,14 +180,15 @@ class BuildOptions:
     persons: dict[str, list[str]] = field(default_factory=dict)
     validation: tuple[str, ...] = ()
     test: tuple[str, ...] = ()
-    store_size: int = 10
-    store_policy: str = "lfu"
-    warp_mode: str = "fast"
-    alignment: str = "subpixel"
-    smooth_landmarks: bool = True
-    detector: str = "hog"
+    # How faces are cut: the restorer's own settings, so that the model trains on faces cut as served.
+    faces: RestoreSettings = field(default_factory=RestoreSettings)
     preset: str = "medium"
     max_frames: int | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The options as the manifest keeps them (JSON values; the face settings as :func:`face_record` gives them)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "faces"}
+        return json.loads(json.dumps({**own, "faces": face_record(self.faces)}))
 
     def check(self) -> None:
         if not self.crfs:
@@ -203,6 +218,11 @@ class DatasetManifest:
     files: dict[str, dict] = field(default_factory=dict)  # file name -> {video, crf, split, samples, ...}
     skipped: dict[str, str] = field(default_factory=dict)  # file name -> why the video gave no samples
     version: int = MANIFEST_VERSION
+
+    @property
+    def face_settings(self) -> dict[str, Any] | None:
+        """The face settings the samples were cut with (None: a dataset built before they were recorded)."""
+        return self.options.get("faces")
 
     def videos_of(self, split: str) -> list[str]:
         return sorted(video for video, where in self.splits.items() if where == split)
@@ -246,21 +266,17 @@ def encode_degraded(
 
 
 def collect_samples(
-    original: Path, compressed: Path, options: BuildOptions, replay: ReplayedTracker | None = None,
+    original: Path, compressed: Path, options: BuildOptions, replay: Replay | None = None,
     settings: dict | None = None,
 ) -> VideoSamples:
     """Walk original and compressed frames in lockstep and cut the samples of one encoded video.
 
-    ``replay`` hands out recorded face tracks in place of the tracker; the tracks this pass
-    used are returned with the samples either way, under ``settings``."""
-    from kfgan_daemon.face import FaceTracker, LandmarkSmoother, align_frame, mls_warp
-    from kfgan_daemon.keyframes import KeyframeStore
+    ``replay`` hands out recorded face tracks and descriptors in place of dlib; the tracks
+    this pass used are returned with the samples either way, under ``settings``."""
     from kfgan_daemon.media import FileSource
 
-    tracker = replay or FaceTracker(detector=options.detector)
     tracks = FaceTracks(settings or {})
-    smoother = LandmarkSmoother() if options.smooth_landmarks else None
-    store = KeyframeStore(options.store_size, policy=options.store_policy)
+    faces = _face_pipeline(options.faces, tracks, replay)
     rows: dict[str, list] = {name: [] for name in SAMPLE_ARRAYS}
     frames = keyframes = with_face = 0
     with FileSource(original) as hq_source, FileSource(compressed) as lq_source:
@@ -276,50 +292,49 @@ def collect_samples(
                 break
             frames += 1
             keyframes += int(lq.is_keyframe)
-            landmarks = tracker.update(lq.luma)
-            tracks.record(landmarks, tracker.source)
-            if landmarks is None:
-                if smoother is not None:
-                    smoother.reset()
+            face = faces.follow(lq, hq)
+            if face is None:
                 continue
             with_face += 1
-            if smoother is not None:
-                if tracker.source == "detected":
-                    smoother.reset()
-                landmarks = smoother.smooth(landmarks, lq.time)
-            sampled = _is_sampled(index, options)
-            if not (lq.is_keyframe or sampled):
-                # Selection still runs (below) so that LFU usage counts follow the stream.
-                store.select(_crop_landmarks(landmarks, options))
-                continue
-            # The restorer's own crop: only the pixels under it are converted to RGB.
-            aligned = align_frame(lq, landmarks, mode=options.alignment)
-            truth = align_frame(hq, landmarks, mode=options.alignment).crop
-            if lq.is_keyframe:
-                # One entry holds both reference modes: same I-frame, same matrix, same landmarks.
-                store.offer(index, aligned.crop_landmarks, np.stack([truth, aligned.crop]))
-            entry = store.select(aligned.crop_landmarks)
-            if entry is None or not sampled:
-                continue
-            for key, crop in zip((REFERENCE_HQ, REFERENCE_STREAM), entry.crop):
-                rows[key].append(mls_warp(crop, entry.landmarks, aligned.crop_landmarks, mode=options.warp_mode))
-            rows[COMPRESSED].append(aligned.crop)
-            rows[TARGET].append(truth)
-            rows[CROP_LANDMARKS].append(np.asarray(aligned.crop_landmarks, dtype=np.int16))
-            rows[FRAME_LANDMARKS].append(np.asarray(landmarks, dtype=np.float64))
-            rows[MATRIX].append(np.asarray(aligned.matrix, dtype=np.float64))
-            rows[FRAME_INDEX].append(index)
-            rows[KEY_INDEX].append(entry.key_id)
-            rows[QUANTISER].append(np.nan if lq.quantiser is None else lq.quantiser)
+            # Every followed frame selects, sampled or not, so that LFU usage counts follow the stream.
+            entry = faces.select(face)
+            if entry is not None and _is_sampled(index, options):
+                _add_sample(rows, faces, face, entry)
     if replay is not None:
-        replay.finish()
+        replay.tracker.finish()
     return VideoSamples(_stack(rows), frames, keyframes, with_face, fps, width, height, tracks)
 
 
-def _crop_landmarks(landmarks: np.ndarray, options: BuildOptions) -> np.ndarray:
-    from kfgan_daemon.face import alignment_matrix, crop_landmarks
+def both_crops(face: Face) -> np.ndarray:
+    """The dataset's keyframe entry: the original's crop (``hq``) and the decoded one (``stream``) of
+    one I-frame, cut with one matrix and stored under one set of landmarks, so that the store
+    picks the same keyframe for either reference mode."""
+    return np.stack([face.truth, face.aligned.crop])
 
-    return crop_landmarks(landmarks, alignment_matrix(landmarks, mode=options.alignment))
+
+def _face_pipeline(settings: RestoreSettings, tracks: FaceTracks, replay: Replay | None) -> FacePipeline[np.ndarray]:
+    """The restorer's face pipeline with the dataset's keyframe entries, on dlib whose answers are
+    kept in ``tracks``, or on ``replay``'s."""
+    if replay is not None:
+        return FacePipeline(settings, both_crops, tracker=replay.tracker, describer=replay.describer)
+    tracker = RecordingTracker(face_tracker(settings), tracks)
+    describer = RecordingDescriber(FaceDescriber(settings.descriptor_path), tracks) if settings.identity_check else None
+    return FacePipeline(settings, both_crops, tracker=tracker, describer=describer)
+
+
+def _add_sample(rows: dict[str, list], faces: FacePipeline[np.ndarray], face: Face, entry: KeyframeEntry) -> None:
+    """One sampled frame's arrays: the face, its truth, and the keyframe warped onto it in both modes."""
+    aligned = face.aligned
+    for key, crop in zip((REFERENCE_HQ, REFERENCE_STREAM), entry.crop):
+        rows[key].append(faces.warp(entry, face, crop))
+    rows[COMPRESSED].append(aligned.crop)
+    rows[TARGET].append(face.truth)
+    rows[CROP_LANDMARKS].append(np.asarray(aligned.crop_landmarks, dtype=np.int16))
+    rows[FRAME_LANDMARKS].append(np.asarray(face.landmarks, dtype=np.float64))
+    rows[MATRIX].append(np.asarray(aligned.matrix, dtype=np.float64))
+    rows[FRAME_INDEX].append(face.frame.index)
+    rows[KEY_INDEX].append(entry.key_id)
+    rows[QUANTISER].append(np.nan if face.frame.quantiser is None else face.frame.quantiser)
 
 
 def _is_sampled(index: int, options: BuildOptions) -> bool:
@@ -390,8 +405,7 @@ def build_dataset(
     splits = split_by_person(videos, options.persons, options.validation, options.test)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Through JSON once, so that it compares equal to what a previous manifest holds.
-    option_dict = json.loads(json.dumps(asdict(options)))
+    option_dict = options.record()
     manifest = DatasetManifest(options=option_dict, splits=splits, persons=person_of(videos, options.persons))
     previous = _previous_files(out_dir, option_dict)
     encoded_dir = out_dir / "encoded" if keep_encoded else None
@@ -493,18 +507,18 @@ def _build_one(
 
 
 def tracks_settings(crf: int, sender: str, options: BuildOptions) -> dict:
-    """What a video's face tracks depend on: its encode and the tracker."""
+    """What a video's face tracks depend on: its encode and the face settings in :data:`TRACKED_FIELDS`."""
     return {
         "crf": crf,
         "sender": sender,
         "keyint_seconds": options.keyint_seconds,
         "preset": options.preset,
         "max_frames": options.max_frames,
-        "detector": options.detector,
+        **{name: getattr(options.faces, name) for name in TRACKED_FIELDS},
     }
 
 
-def _replay(path: Path | None, settings: dict) -> ReplayedTracker | None:
+def _replay(path: Path | None, settings: dict) -> Replay | None:
     if path is None or not path.is_file():
         return None
     try:
@@ -515,7 +529,7 @@ def _replay(path: Path | None, settings: dict) -> ReplayedTracker | None:
     if tracks.settings != settings:
         log.info("dataset: %s was tracked under other settings (%s); tracking afresh", path, tracks.settings)
         return None
-    return ReplayedTracker(tracks, path)
+    return Replay.of(tracks, path)
 
 
 def _previous_files(out_dir: Path, option_dict: dict) -> dict[str, dict]:

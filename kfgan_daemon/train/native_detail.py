@@ -64,7 +64,7 @@ class BandStatistics:
         """Add the samples of one region where ``where`` holds (at most ``samples`` of them, drawn
         at random); returns how many went in."""
         if band.shape != target.shape or band.shape != where.shape:
-            raise InputError(f"band {band.shape}, target {target.shape} and mask {where.shape} differ in shape")
+            raise ValueError(f"band {band.shape}, target {target.shape} and mask {where.shape} differ in shape")
         ys, xs = np.nonzero(where)
         if samples is not None and len(ys) > samples:
             chosen = rng.choice(len(ys), samples, replace=False)

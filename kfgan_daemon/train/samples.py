@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kfgan_daemon.errors import InputError
+from kfgan_daemon.errors import ConfigError, InputError
 from kfgan_daemon.face.reference_flow import refined_references
 from kfgan_daemon.train import dataset as ds
 
@@ -83,6 +83,8 @@ class SampleSet:
     ) -> None:
         manifest = ds.DatasetManifest.read(Path(data_dir))
         self.reference_flow = reference_flow
+        # How the faces were cut; the trained model records it (None: an older dataset).
+        self.face_settings = manifest.face_settings
         names = manifest.files_of(split)
         if not names:
             raise InputError(f"{data_dir}: the dataset has no {split!r} files (manifest lists {sorted(manifest.files)})")
@@ -230,7 +232,7 @@ class TrainingBatches:
 
     def __init__(self, samples: SampleSet, batch_size: int, patch: int, augmentation: Augmentation, seed: int) -> None:
         if not 16 <= patch <= CROP or patch % 16:
-            raise InputError(f"patch size must be a multiple of 16 in [16, {CROP}], got {patch}")
+            raise ConfigError(f"data.patch_size must be a multiple of 16 in [16, {CROP}], got {patch}")
         self.samples = samples
         self.batch_size = batch_size
         self.patch = patch

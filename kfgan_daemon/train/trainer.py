@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import random
-import signal
+import threading
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from kfgan_daemon.errors import ConfigError, ModelError
+from kfgan_daemon.process.signals import stop_on_signals
 from kfgan_daemon.train import losses as L
 from kfgan_daemon.train.config import TrainConfig, load_config
 from kfgan_daemon.train.samples import (
@@ -55,15 +57,14 @@ class TrainResult:
     interrupted: bool = False
 
 
-def build_generator(config: TrainConfig) -> nn.Module:
-    """A fresh generator of the configured variant, optionally initialised from a checkpoint."""
-    from kfgan_daemon.model import build_generator as build_variant
-    from kfgan_daemon.model import load_generator
+def generator_for(config: TrainConfig) -> nn.Module:
+    """The untrained generator ``config.model`` describes, initialised from ``model.init`` when set."""
+    from kfgan_daemon.model import build_generator, load_generator
     from kfgan_daemon.model.blocks import load_deepened
 
     try:
-        generator = build_variant(config.model.variant, config.model.config)
-    except TypeError as exc:
+        generator = build_generator(config.model.variant, config.model.config)
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.config does not fit the {config.model.variant} generator: {exc}") from exc
     if config.model.init is not None:
         initial = load_generator(config.model.init, variant=config.model.variant, device="cpu")
@@ -142,7 +143,7 @@ class Trainer:
         self.batches = TrainingBatches(
             self.train_samples, config.optim.batch_size, data.patch_size, augmentation, config.run.seed
         )
-        self.generator = build_generator(config).to(self.device)
+        self.generator = generator_for(config).to(self.device)
         optim = config.optim
         # Its first update copies the generator, so a run resumed without one starts it there.
         self.ema: AveragedModel | None = None
@@ -324,6 +325,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "last_validation": self.last_validation,
             "reference_flow": self.config.data.reference_flow,
+            "face_settings": self.train_samples.face_settings,
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -376,6 +378,7 @@ class Trainer:
             "generator_config": dict(getattr(self.generator, "config", self.config.model.config)),
             "generator": self.evaluated.state_dict(),
             "reference_flow": self.config.data.reference_flow,
+            "face_settings": self.train_samples.face_settings,
             "step": self.step,
             "validation": scores,
         }
@@ -383,7 +386,7 @@ class Trainer:
         if self.config.export.best is not None:
             export_generator(
                 self.evaluated, self.config.export.best, self.config.model.variant, half=self.config.export.half,
-                reference_flow=self.config.data.reference_flow,
+                reference_flow=self.config.data.reference_flow, face_settings=self.train_samples.face_settings,
             )
 
     # -- the loop ---------------------------------------------------------------------------
@@ -404,12 +407,14 @@ class Trainer:
         last_checkpoint = time.monotonic()
         running: dict[str, float] = {}
         bar = tqdm(total=final_step, initial=self.step, desc="train", unit="step", disable=not progress)
-        with _stop_on_signals() as stop:
+        # SIGTERM and SIGINT end the loop after the current step (then a checkpoint is written).
+        stop = threading.Event()
+        with stop_on_signals(stop.set):
             stream = batch_stream(
                 self.batches, self.step, final_step, self.config.run.loader_workers,
                 pin_memory=self.device.type == "cuda",
             )
-            while not stop.requested:
+            while not stop.is_set():
                 started = time.monotonic()
                 batch = next(stream, None)
                 if batch is None:
@@ -432,7 +437,7 @@ class Trainer:
                 if time.monotonic() - last_checkpoint >= schedule.checkpoint_minutes * 60:
                     self.save_checkpoint()
                     last_checkpoint = time.monotonic()
-            interrupted = stop.requested
+            interrupted = stop.is_set()
         # Ends the loader's worker processes, if any, before the checkpoint is written.
         del stream
         bar.close()
@@ -461,46 +466,24 @@ class Trainer:
                    "best_psnr": self.best_psnr, "best_step": self.best_step, **scores})
 
 
-class _StopFlag:
-    requested = False
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[_StopFlag]:
-    """SIGTERM and SIGINT end the loop after the current step (then a checkpoint is written)."""
-    flag = _StopFlag()
-
-    def request(signum, frame) -> None:
-        flag.requested = True
-
-    previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, request)
-    except ValueError:
-        pass  # not the main thread: signals stay with whoever owns them
-    try:
-        yield flag
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def export_generator(
-    generator: nn.Module, path: Path | str, variant: str, half: bool = False, reference_flow: str | None = None
+    generator: nn.Module, path: Path | str, variant: str, half: bool = False, reference_flow: str | None = None,
+    face_settings: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the generator as our .safetensors, with the metadata ``load_generator`` rebuilds it from
-    and the keyframe refinement it was trained with."""
+    """Write the generator as our .safetensors, with the metadata ``load_generator`` rebuilds it from,
+    the keyframe refinement it was trained with and the face settings its dataset was cut with."""
     from kfgan_daemon.model import save_safetensors
 
     config = dict(getattr(generator, "config", {}))
-    return save_safetensors(generator, path, variant, config=config, half=half, reference_flow=reference_flow)
+    return save_safetensors(
+        generator, path, variant, config=config, half=half, reference_flow=reference_flow, face_settings=face_settings
+    )
 
 
 def export_checkpoint(checkpoint: Path | str, path: Path | str, half: bool = False) -> Path:
     """Export the generator of a training checkpoint (``best.pt`` or ``last.pt``) as .safetensors;
     from a ``last.pt`` of a run with a weight average, the average."""
-    from kfgan_daemon.model import build_generator as build_variant
+    from kfgan_daemon.model import build_generator
 
     checkpoint = Path(checkpoint)
     try:
@@ -509,12 +492,15 @@ def export_checkpoint(checkpoint: Path | str, path: Path | str, half: bool = Fal
         raise ModelError(f"{checkpoint}: cannot read the training checkpoint ({exc})") from exc
     if state.get("format") != CHECKPOINT_FORMAT or "generator" not in state:
         raise ModelError(f"{checkpoint} is not a training checkpoint of this trainer")
-    generator = build_variant(state["variant"], state["generator_config"])
+    generator = build_generator(state["variant"], state["generator_config"])
     weights = state["generator"]
     if "ema" in state:
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
     generator.load_state_dict(weights)
-    return export_generator(generator, path, state["variant"], half=half, reference_flow=state.get("reference_flow"))
+    return export_generator(
+        generator, path, state["variant"], half=half, reference_flow=state.get("reference_flow"),
+        face_settings=state.get("face_settings"),
+    )
 
 
 def train(config_path: Path, resume: bool = True, max_steps: int | None = None, progress: bool = True) -> TrainResult:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Literal, get_args
 
 import av
 import av.error
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RTP_VIDEO_TIME_BASE = Fraction(1, 90000)
 LossPolicy = Literal["conceal", "wait_keyframe"]
+LOSS_POLICIES: tuple[str, ...] = get_args(LossPolicy)
 # Access units whose pictures have not come out of the decoder yet (B-frame reordering).
 _MAX_PENDING = 64
 
@@ -56,8 +57,6 @@ class DecoderStats:
 
 class H264AccessUnitDecoder:
     def __init__(self, parameter_sets: list[bytes] | None = None, loss_policy: LossPolicy = "conceal") -> None:
-        if loss_policy not in ("conceal", "wait_keyframe"):
-            raise ValueError(f"loss_policy must be 'conceal' or 'wait_keyframe', not {loss_policy!r}")
         self.loss_policy = loss_policy
         self.stats = DecoderStats()
         self._sps: bytes | None = None

@@ -48,7 +48,7 @@ class RtpSenderStats:
 
 
 class RtpSender:
-    """One H.264 RTP stream to ``host:port``."""
+    """One H.264 RTP stream to ``host:port``; rate control as :class:`H264Settings` (``qp``, else ``bitrate``, else ``crf``)."""
 
     def __init__(
         self,
@@ -59,6 +59,7 @@ class RtpSender:
         frame_rate: Fraction | int | float,
         *,
         crf: int = 23,
+        qp: int | None = None,
         bitrate: int | None = None,
         gop: int | None = None,
         preset: str = "veryfast",
@@ -84,7 +85,7 @@ class RtpSender:
         self._timestamp_offset = secrets.randbits(32)
         self._last_pts: int | None = None
         self._force_keyframe = False
-        self._encoder = self._open_encoder(crf, bitrate, preset, tune, x264_options)
+        self._encoder = self._open_encoder(crf, qp, bitrate, preset, tune, x264_options)
         self._parameter_sets = [unit for unit in split_annexb(bytes(self._encoder.extradata or b""))
                                 if nal_type(unit) in (NalType.SPS, NalType.PPS)]
         self._socket = self._open_socket()
@@ -92,13 +93,14 @@ class RtpSender:
     def _open_encoder(
         self,
         crf: int,
+        qp: int | None,
         bitrate: int | None,
         preset: str,
         tune: str,
         x264_options: Mapping[str, str] | None,
     ) -> av.CodecContext:
         settings = H264Settings(
-            crf=crf, bitrate=bitrate, preset=preset, tune=tune, gop=self.gop, live=True, options=dict(x264_options or {})
+            crf=crf, qp=qp, bitrate=bitrate, preset=preset, tune=tune, gop=self.gop, live=True, options=dict(x264_options or {})
         )
         encoder = av.CodecContext.create("libx264", "w")
         settings.configure(encoder, self.width, self.height, RTP_VIDEO_TIME_BASE, self.colour, self.frame_rate)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO
 
@@ -14,6 +13,7 @@ from kfgan_daemon.media.colour import ColourSpace
 from kfgan_daemon.media.frame import DecodedFrame
 from kfgan_daemon.media.rtp import RtpSender
 from kfgan_daemon.media.rtp.decoder import RTP_VIDEO_TIME_BASE
+from kfgan_daemon.media.x264 import EncodeOptions
 from kfgan_daemon.media.y4m import Y4MWriter
 from kfgan_daemon.rtpapps.pipe.target import OutputTarget
 
@@ -22,21 +22,12 @@ log = logging.getLogger(__name__)
 DEFAULT_FRAME_RATE = Fraction(30)
 
 
-@dataclass(frozen=True, slots=True)
-class EncoderOptions:
-    """libx264 settings of an RTP output: CRF unless a bitrate (bits/s) is given; GOP in frames.
-
-    ``superfast``, by measurement (s18 at 720p, CRF 23, zerolatency, one encoder
-    thread, a shared 2-core machine at load 7): 9 ms per frame and 6.0 kB at
-    47.9 dB Y-PSNR, against 16 ms and 5.0 kB (47.6 dB) for ``veryfast`` and 3 ms
-    and 10.3 kB (46.8 dB) for ``ultrafast``: ultrafast's 6 ms would cost 70% more
-    bytes and a dB at the same CRF, veryfast's 7 ms more buy a sixth fewer bytes.
-    """
-
-    crf: int = 23
-    bitrate: int | None = None
-    gop: int | None = None
-    preset: str = "superfast"
+# The RTP output's encoding unless the user says otherwise. ``superfast``, by measurement (s18 at
+# 720p, CRF 23, zerolatency, one encoder thread, a shared 2-core machine at load 7): 9 ms per frame
+# and 6.0 kB at 47.9 dB Y-PSNR, against 16 ms and 5.0 kB (47.6 dB) for ``veryfast`` and 3 ms and
+# 10.3 kB (46.8 dB) for ``ultrafast``: ultrafast's 6 ms would cost 70% more bytes and a dB at the
+# same CRF, veryfast's 7 ms more buy a sixth fewer bytes.
+PIPE_ENCODE = EncodeOptions(crf=23, preset="superfast")
 
 
 class LazyWriter:
@@ -52,11 +43,16 @@ class LazyWriter:
     def __init__(
         self,
         target: OutputTarget,
-        encoder: EncoderOptions,
+        encoder: EncodeOptions,
         frame_rate: Fraction | None,
         stdout: BinaryIO | None = None,
+        *,
+        ssrc: int | None = None,
+        profile: str | None = None,
     ) -> None:
         self.target = target
+        self.ssrc = ssrc
+        self.profile = profile
         self.encoder = encoder
         self.frame_rate = frame_rate
         self.stdout = stdout
@@ -125,12 +121,16 @@ class LazyWriter:
             width,
             height,
             self.frame_rate or DEFAULT_FRAME_RATE,
-            crf=self.encoder.crf,
-            bitrate=self.encoder.bitrate,
-            gop=self.encoder.gop,
-            preset=self.encoder.preset,
             colour=colour,
+            ssrc=self.ssrc,
+            x264_options={"profile": self.profile} if self.profile else None,
+            **self.encoder.sink_options(PIPE_ENCODE.crf),
         )
+
+    def request_keyframe(self) -> None:
+        """Make the next RTP frame an IDR (a receiver asked for one); any thread."""
+        if self.sender is not None:
+            self.sender.request_keyframe()
 
     def _open_writer(self, second: DecodedFrame | None) -> Y4MWriter:
         assert self.size is not None

@@ -82,16 +82,20 @@ def conventions(channel: SsimChannel = "y") -> dict[str, str]:
             f"{ssim_on}; Gaussian window sigma {SSIM_SIGMA} (11x11), population covariance, "
             "K1=0.01, K2=0.03, data range 255 (scikit-image structural_similarity)"
         ),
-        "face": "aligned 256x256 crops; ground truth is the original frame aligned with the compressed frame's matrix",
+        "crop": (
+            "crop metrics (crop PSNR, SSIM, LPIPS, ΔY): aligned 256x256 face crops; ground truth is the original "
+            "frame aligned with the compressed frame's matrix (eval --end-to-end's face PSNR is another measure: "
+            "the landmark box of the decoded luma plane)"
+        ),
         "frame": (
             "whole frames, PSNR and SSIM on the decoded luma (Y) planes; model rows paste the restored crop "
             "back into the compressed frame's YUV planes"
         ),
-        "face_luma_bias": "mean BT.601 luma of the row's face crop minus the ground truth's, gray levels (a diagnostic)",
+        "crop_luma_bias": "mean BT.601 luma of the row's face crop minus the ground truth's, gray levels (a diagnostic)",
         "face_flicker": (
             "mean absolute frame-to-frame change of the row's luma error (decoded Y minus the original's) over the "
             "aligned crop's footprint in the later frame, in Y levels, over consecutive frames that both have a face; "
             "at or below the input's means the restoration adds no shimmer"
         ),
-        "averaging": "per clip: mean over frames (face metrics over frames with a face); average: mean over clips",
+        "averaging": "per clip: mean over frames (crop and face metrics over frames with a face); average: mean over clips",
     }
