@@ -278,6 +278,9 @@ async def test_a_conference_is_restored_through_janus(janus: JanusServer, media_
             return alice.id not in forwarded and alice_feed not in listed
 
         gone_after = await wait_until(alice_gone, 2.0, "Alice's forwarder and restored feed are removed")
+        # Nor does anything of hers stay in the daemon: Bob's is the one engine stream left.
+        assert await attached.entry(alice.id) is None
+        assert "kfgan_engine_streams_open 1.0" in await attached.metrics()
 
         # Janus killed and restarted: the daemon reconnects and restores a publisher again within 10 s.
         janus.kill()
@@ -295,7 +298,9 @@ async def test_a_conference_is_restored_through_janus(janus: JanusServer, media_
         back_after = await wait_until(lambda: _true(len(watcher.frames) > 0), 10 - (time.monotonic() - restarted_at),
                                       "the restored feed is back after Janus restarted")
         back_after = time.monotonic() - restarted_at
-        assert 'kfgan_janus_reconnects_total 1.0' in await attached.metrics()
+        metrics = await attached.metrics()
+        assert "kfgan_janus_reconnects_total 1.0" in metrics
+        assert "kfgan_engine_streams_open 1.0" in metrics  # Bob's feed went with the old Janus; Carol's is new
         print(f"janus: Alice gone after {gone_after:.2f} s; restored feed back {back_after:.1f} s after the restart")
 
         # SIGTERM: everything the daemon created in Janus is gone before it exits.
