@@ -200,13 +200,14 @@ class FacePipeline(Generic[K]):
 
     @property
     def checking_new_face(self) -> bool:
-        """True while a face that appeared afresh waits for its identity check: it may be someone else."""
+        """True while a face that appeared afresh waits for its identity check, or a far answer for its
+        second look: it may be someone else."""
         return self.identity.checking_new_face
 
     def follow(self, frame: DecodedFrame, original: DecodedFrame | None = None) -> Face | None:
         """Track, steady and align the face; empty the store when the person changed; ask who an
-        I-frame's face or a face found afresh is, the I-frame's entry entering the store once known.
-        None: no face in this frame."""
+        I-frame's face, a face found afresh or a doubted face is, the I-frame's entry entering the
+        store once known. None: no face in this frame."""
         timer = self.stats.timer
         self._settle_identity()
         previous_box = self.tracker.face_box
@@ -225,8 +226,9 @@ class FacePipeline(Generic[K]):
         with timer.stage("align"):
             face = Face(frame, landmarks, align_frame(frame, landmarks, mode=self.settings.alignment), original)
         # A descriptor costs 80-180 ms on a CPU core, so it is computed only where the person can
-        # have changed unnoticed: a face found afresh, and an I-frame about to enter the store.
-        if detected or frame.is_keyframe:
+        # have changed unnoticed: a face found afresh, an I-frame about to enter the store, and the
+        # frame after a far answer (a second look before the store is emptied: restore.identity).
+        if detected or frame.is_keyframe or self.identity.wants_check:
             keyframe = None
             if frame.is_keyframe:
                 keyframe = _Keyframe(frame.index, face.aligned.crop_landmarks, self.keyframe_entry(face))
@@ -241,7 +243,7 @@ class FacePipeline(Generic[K]):
 
     def select(self, face: Face) -> KeyframeEntry | None:
         """The stored keyframe nearest to the face (its use counted, so call it on every frame that
-        follows the stream); None with an empty store or while a new face is being checked."""
+        follows the stream); None with an empty store or while the face may be someone else."""
         with self.stats.timer.stage("select"):
             return None if self.identity.checking_new_face else self.store.select(face.aligned.crop_landmarks)
 

@@ -16,6 +16,15 @@ store only once its face is known to be the store's person, and a face that
 appears afresh restores nothing until its check is answered. A file asks
 ``FaceDescriber``, whose answers are ready at once: the same decisions, at the
 same frames, every run.
+
+One far answer is a doubt, not a change. A crop of a heavily quantised P-frame gives a
+noisy descriptor: d12 at CRF 42 (x264 veryfast) has a re-found face 0.75 from the
+person, where its I-frames lie within 0.4; taken as a change, that answer emptied the
+store and became the person, and the next I-frame, the same person again, emptied it
+once more. So a far answer withholds restoration (:attr:`IdentityWatch.checking_new_face`)
+and asks for a second look at the next frame with a face (:attr:`IdentityWatch.wants_check`);
+only a second far answer empties the store, and the person becomes the mean of the two.
+A near second answer drops the doubt and its descriptor. A face waits at most two answers.
 """
 from __future__ import annotations
 
@@ -57,12 +66,22 @@ class _Check(Generic[K]):
 class IdentityStats:
     descriptors: int = 0
     changes: int = 0
+    doubts: int = 0  # far answers that the next answer showed to be the same person after all
     timeouts: int = 0
     failed: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Doubt(Generic[K]):
+    """A far answer waiting for the next one, with the keyframe held back with its check."""
+
+    descriptor: np.ndarray
+    keyframe: K | None
+
+
 class IdentityWatch(Generic[K]):
-    """Keeps the store's person (a running mean of matching descriptors) and says when it changed.
+    """Keeps the store's person (a running mean of matching descriptors) and says when it changed:
+    two answers in a row further than ``max_distance`` from it (see the module's docstring).
 
     ``describer`` None skips the descriptor check (only the lost-face timeout applies).
     """
@@ -77,11 +96,14 @@ class IdentityWatch(Generic[K]):
         self._lost_since: float | None = None
         self._expired = False
         self._pending: deque[_Check[K]] = deque()
+        self._doubt: _Doubt[K] | None = None
 
     def forget(self) -> None:
-        """No person yet: the next described face becomes the store's person."""
+        """No person yet: the next described face becomes the store's person. A doubted face's held
+        keyframes are dropped: they were never shown to be anyone's."""
         self._identity = None
         self._matches = 0
+        self._doubt = None
 
     def face_missing(self, timestamp: float) -> bool:
         """A frame without a face; True (once) when the face has been gone for longer than ``lost_seconds``."""
@@ -107,9 +129,15 @@ class IdentityWatch(Generic[K]):
 
     @property
     def checking_new_face(self) -> bool:
-        """True from the check of a face that appeared afresh until its answer is applied: it may be
-        someone else."""
-        return any(check.new_face for check in self._pending)
+        """True while the face may be someone else: from the check of a face that appeared afresh
+        until its answer is applied, and from a far answer until the next answer settles the doubt."""
+        return self._doubt is not None or any(check.new_face for check in self._pending)
+
+    @property
+    def wants_check(self) -> bool:
+        """True when a far answer waits for a second look and none is being computed: check the next
+        frame's face (whatever its kind), so that the doubt lasts one answer, not until an I-frame."""
+        return self._doubt is not None and not self._pending
 
     def check(
         self, crop_rgb: np.ndarray, crop_landmarks: np.ndarray, *, keyframe: K | None = None, new_face: bool = False
@@ -137,7 +165,7 @@ class IdentityWatch(Generic[K]):
             except Exception:
                 self.stats.failed += 1
                 continue
-            verdicts.append(Verdict(self._judge(descriptor), check.keyframe))
+            verdicts.extend(self._judge(descriptor, check.keyframe))
         return verdicts
 
     def cancel(self) -> None:
@@ -146,17 +174,28 @@ class IdentityWatch(Generic[K]):
             check.future.cancel()
         self._pending.clear()
 
-    def _judge(self, descriptor: np.ndarray) -> bool:
-        """True when ``descriptor`` is not the store's person (who it then becomes)."""
+    def _judge(self, descriptor: np.ndarray, keyframe: K | None) -> list[Verdict[K]]:
+        """Apply one answer: the verdicts it releases, oldest keyframe first (none while it opens a doubt)."""
         self.stats.descriptors += 1
         if self._identity is None:
             self._identity, self._matches = descriptor, 1
-            return False
-        if descriptor_distance(descriptor, self._identity) > self.max_distance:
+            return [Verdict(False, keyframe)]
+        far = descriptor_distance(descriptor, self._identity) > self.max_distance
+        doubt, self._doubt = self._doubt, None
+        if far and doubt is None:
+            self._doubt = _Doubt(descriptor, keyframe)
+            return []
+        held = [kept for kept in (None if doubt is None else doubt.keyframe, keyframe) if kept is not None]
+        if far:
+            # A second far look confirms it: another person, described by both looks.
             self.stats.changes += 1
-            self._identity, self._matches = descriptor, 1
-            return True
+            self._identity, self._matches = (doubt.descriptor + descriptor) / 2, 2
+            released = [Verdict(False, kept) for kept in held] or [Verdict(False, None)]
+            released[0].changed = True  # the store is emptied before the new person's keyframes enter it
+            return released
+        if doubt is not None:
+            self.stats.doubts += 1  # the far look was noise: it does not enter the mean
         # A running mean: one odd pose or blurred frame does not define the person.
         self._matches += 1
         self._identity = self._identity + (descriptor - self._identity) / self._matches
-        return False
+        return [Verdict(False, kept) for kept in held] or [Verdict(False, None)]
