@@ -39,6 +39,10 @@ from kfgan_daemon.face.identity import descriptor_distance
 
 K = TypeVar("K")
 
+# Which frames the watch asks to have described: changed when that rule changes, so that a dataset's
+# recorded descriptors (replayed in the order they were asked for) are recorded afresh.
+CHECK_RULE = "keyframes, new faces, a second look at a far answer"
+
 
 class DescriptorSource(Protocol):
     """Computes face descriptors: ``FaceDescriber`` (at once) or ``DescriberProcess`` (in a child)."""
@@ -152,8 +156,9 @@ class IdentityWatch(Generic[K]):
         self._pending.append(_Check(future, keyframe, new_face))
 
     def settle(self) -> list[Verdict[K]]:
-        """The answered checks, oldest first, applied to the store's person. A check that failed
-        (the child process died) releases nothing and changes nothing: its keyframe is not stored."""
+        """The answered checks, oldest first, applied to the store's person. A far answer releases
+        nothing until the next answer settles its doubt. A check that failed (the child process died)
+        releases nothing and changes nothing: its keyframe is not stored."""
         verdicts: list[Verdict[K]] = []
         while self._pending and self._pending[0].future.done():
             check = self._pending.popleft()

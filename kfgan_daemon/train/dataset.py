@@ -48,6 +48,7 @@ from kfgan_daemon.face.identity import FaceDescriber
 from kfgan_daemon.keyframes import KeyframeEntry
 from kfgan_daemon.media.encode import SENDERS
 from kfgan_daemon.restore.face_pipeline import REFERENCE_MODES, Face, FacePipeline, face_record, face_tracker
+from kfgan_daemon.restore.identity import CHECK_RULE
 from kfgan_daemon.restore.settings import RestoreSettings
 from kfgan_daemon.train.face_tracks import SUFFIX as TRACKS_SUFFIX
 from kfgan_daemon.train.face_tracks import FaceTracks, RecordingDescriber, RecordingTracker, Replay
@@ -78,8 +79,8 @@ _REFERENCE_KEYS = {"hq": REFERENCE_HQ, "stream": REFERENCE_STREAM}
 # The face settings a video's kept tracks depend on: the tracker's, and those the identity
 # check's crops are cut with (its descriptors are kept with the tracks).
 TRACKED_FIELDS = (
-    "detector", "redetect_interval", "identity_check", "alignment", "smooth_landmarks", "smoothing_min_cutoff",
-    "smoothing_beta",
+    "detector", "redetect_interval", "identity_check", "identity_distance", "identity_lost_seconds", "alignment",
+    "smooth_landmarks", "smoothing_min_cutoff", "smoothing_beta",
 )
 
 
@@ -515,6 +516,7 @@ def tracks_settings(crf: int, sender: str, options: BuildOptions) -> dict:
         "preset": options.preset,
         "max_frames": options.max_frames,
         **{name: getattr(options.faces, name) for name in TRACKED_FIELDS},
+        "identity_checks": CHECK_RULE,
     }
 
 
