@@ -192,6 +192,26 @@ class _Measured:
     collections_after: dict[int, tuple[int, float]]
 
 
+@dataclass(frozen=True, slots=True)
+class _BenchPlan:
+    """The bench's parameters, as given."""
+
+    rate: Fraction | None
+    size: tuple[int, int] | None
+    warmup: float
+    seconds: float
+    crf: int
+    gop: int | None
+    policy: OverloadPolicy
+    restore_settings: "RestoreSettings | None"
+    output_encoder: EncodeOptions
+    streams: int
+
+    @property
+    def total_seconds(self) -> float:
+        return self.warmup + self.seconds
+
+
 class LiveBenchMode:
     """The live bench as a mode of :class:`~kfgan_daemon.process.DaemonProcess`, so that it starts,
     warms and stops the engine exactly as ``pipe`` and ``serve`` do: cameras in processes of their own,
@@ -199,7 +219,7 @@ class LiveBenchMode:
 
     name = "live bench"
 
-    def __init__(self, clip: Path, generator: "BatchGenerator", plan: "_BenchPlan") -> None:
+    def __init__(self, clip: Path, generator: "BatchGenerator", plan: _BenchPlan) -> None:
         self.clip = clip
         self.generator = generator
         self.plan = plan
@@ -302,26 +322,6 @@ class LiveBenchMode:
 
     def ready_status(self) -> str:
         return f"live bench of {self.clip.name}, {len(self.lanes)} camera(s)"
-
-
-@dataclass(frozen=True, slots=True)
-class _BenchPlan:
-    """The bench's parameters, as given."""
-
-    rate: Fraction | None
-    size: tuple[int, int] | None
-    warmup: float
-    seconds: float
-    crf: int
-    gop: int | None
-    policy: OverloadPolicy
-    restore_settings: "RestoreSettings | None"
-    output_encoder: EncodeOptions
-    streams: int
-
-    @property
-    def total_seconds(self) -> float:
-        return self.warmup + self.seconds
 
 
 async def live_bench(
