@@ -202,10 +202,10 @@ def running_janus(folder: Path) -> Iterator[JanusServer]:
         server.stop()
 
 
-def h264_only(transceiver) -> None:
-    """Offer H.264 alone (aiortc offers VP8 first otherwise), as the room and the daemon want."""
+def one_codec(transceiver, mime_type: str) -> None:
+    """Offer one codec alone (aiortc offers VP8 first otherwise): H.264, as the room and the daemon want."""
     codecs = RTCRtpSender.getCapabilities("video").codecs
-    transceiver.setCodecPreferences([c for c in codecs if c.mimeType == "video/H264"])
+    transceiver.setCodecPreferences([c for c in codecs if c.mimeType == mime_type])
 
 
 @dataclass
@@ -216,6 +216,7 @@ class JanusPublisher:
     room: int
     display: str
     track: VideoStreamTrack
+    mime_type: str = "video/H264"  # the one codec it offers
     id: int | None = None
 
     async def publish(self, timeout: float = 10.0) -> None:
@@ -225,7 +226,7 @@ class JanusPublisher:
         )
         self.id = joined.data["id"]
         self.pc = RTCPeerConnection()
-        h264_only(self.pc.addTransceiver(self.track, direction="sendonly"))
+        one_codec(self.pc.addTransceiver(self.track, direction="sendonly"), self.mime_type)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = {"type": "offer", "sdp": self.pc.localDescription.sdp, "trickle": False}
         reply = await self.handle.message({"request": "publish", "display": self.display}, jsep=offer, timeout=timeout)
@@ -263,6 +264,9 @@ class JanusSubscriber:
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         answer = {"type": "answer", "sdp": self.pc.localDescription.sdp, "trickle": False}
         await self.handle.message({"request": "start"}, jsep=answer, timeout=timeout)
+
+    async def has_frames(self) -> bool:
+        return bool(self.frames)
 
     async def _read(self, track) -> None:
         while True:

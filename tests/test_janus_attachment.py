@@ -295,8 +295,8 @@ async def test_a_conference_is_restored_through_janus(janus: JanusServer, media_
         watcher = JanusSubscriber(session2, ROOM, carol_entry["restored_feed"])
         peers.append(watcher)
         await watcher.subscribe()
-        back_after = await wait_until(lambda: _true(len(watcher.frames) > 0), 10 - (time.monotonic() - restarted_at),
-                                      "the restored feed is back after Janus restarted")
+        await wait_until(watcher.has_frames, 10 - (time.monotonic() - restarted_at),
+                         "the restored feed is back after Janus restarted")
         back_after = time.monotonic() - restarted_at
         metrics = await attached.metrics()
         assert "kfgan_janus_reconnects_total 1.0" in metrics
@@ -339,7 +339,7 @@ async def test_more_publishers_than_capacity_wait_and_other_codecs_are_reported(
         await second.publish()
         await attached.wait_entry(second.id, "waiting_for_capacity", 5)
         assert 'kfgan_janus_publishers{room="4321",state="waiting_for_capacity"} 1.0' in await attached.metrics()
-        vp8 = VP8Publisher(session, ROOM, "Vintage", PatternTrack(320, 240))
+        vp8 = JanusPublisher(session, ROOM, "Vintage", PatternTrack(320, 240), mime_type="video/VP8")
         peers.append(vp8)
         await vp8.publish()
         await attached.wait_entry(vp8.id, "unsupported_codec", 5)
@@ -355,24 +355,6 @@ async def test_more_publishers_than_capacity_wait_and_other_codecs_are_reported(
         await attached.close()
         await session.destroy()
         await client.close()
-
-
-class VP8Publisher(JanusPublisher):
-    """A publisher whose browser sends VP8 only."""
-
-    async def publish(self, timeout: float = 10.0) -> None:
-        import janus_support
-        from aiortc.rtcrtpsender import RTCRtpSender
-
-        def vp8_only(transceiver) -> None:
-            codecs = RTCRtpSender.getCapabilities("video").codecs
-            transceiver.setCodecPreferences([c for c in codecs if c.mimeType == "video/VP8"])
-
-        original, janus_support.h264_only = janus_support.h264_only, vp8_only
-        try:
-            await super().publish(timeout)
-        finally:
-            janus_support.h264_only = original
 
 
 def compare(original: list, restored: list, sent_at: dict[int, float]) -> dict:
@@ -415,7 +397,3 @@ def compare(original: list, restored: list, sent_at: dict[int, float]) -> dict:
 def _rate(times: list[float]) -> float:
     times = times[len(times) // 4:]  # after the start-up
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-
-
-async def _true(value: bool) -> bool:
-    return value

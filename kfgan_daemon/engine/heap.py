@@ -19,13 +19,18 @@ fixed here rather than left to chance:
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import gc
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+log = logging.getLogger(__name__)
 
 
 def _malloc_trim():
@@ -50,6 +55,10 @@ class HeapRelease:
     trimmed: bool  # False where the C library cannot return free pages
 
 
+# Seconds after a call or feed ended (its codec threads done by then) before its heap is released.
+RELEASE_DELAY = 1.0
+
+
 def release_heap() -> HeapRelease:
     """Free the reference cycles that are garbage now and return free heap pages to the operating system."""
     started = time.perf_counter()
@@ -58,6 +67,45 @@ def release_heap() -> HeapRelease:
     if _TRIM is not None:
         _TRIM(0)
     return HeapRelease(unreachable, collect_seconds, _TRIM is not None)
+
+
+class HeapReleaser:
+    """:func:`release_heap` once a live stream's owner has let it go, off the event loop.
+
+    Called from the event loop: :meth:`schedule` after a call or feed closed
+    (several closing together make one release, ``delay`` seconds later), and
+    :meth:`close` when the owner stops. ``on_released`` hears each release.
+    """
+
+    def __init__(self, on_released: Callable[[HeapRelease], None] | None = None, delay: float = RELEASE_DELAY) -> None:
+        self.on_released = on_released
+        self.delay = delay
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def schedule(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay, self._start)
+
+    async def close(self) -> None:
+        """Cancel a release not started yet; wait for one under way."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _start(self) -> None:
+        self._timer = None
+        task = asyncio.ensure_future(self._release())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _release(self) -> None:
+        released = await asyncio.to_thread(release_heap)
+        log.debug("heap released: %d unreachable objects collected in %.1f ms", released.unreachable,
+                  1000 * released.collect_seconds)
+        if self.on_released is not None:
+            self.on_released(released)
 
 
 class CollectorControl:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from kfgan_daemon.engine.heap import release_heap
+from kfgan_daemon.engine.heap import HeapReleaser
 from kfgan_daemon.errors import ConfigError, KfganError
 from kfgan_daemon.janus.api import JanusClient, JanusError, JanusSession, JanusSessionLost, JanusUnreachable
 from kfgan_daemon.janus.config import JanusSettings
@@ -37,14 +37,12 @@ from kfgan_daemon.process import DaemonProcess, Runtime
 from kfgan_daemon.rtpapps.pipe import PipeOptions
 from kfgan_daemon.service.capacity import stream_limit
 from kfgan_daemon.service.config import Settings
-from kfgan_daemon.service.server import engine_settings, listening_url, open_configured_generator
+from kfgan_daemon.service.server import engine_settings, open_configured_generator, start_http
 
 log = logging.getLogger(__name__)
 
 # What subscribers of a conference all decode (Janus offers the restored feed as constrained baseline).
 RESTORED_PROFILE = "baseline"
-# Seconds after a feed closed (its codec threads done by then) to release the heap it used.
-HEAP_RELEASE_DELAY = 1.0
 FeedKey = tuple[int, int]  # (room, publisher id)
 
 
@@ -73,8 +71,7 @@ class JanusMode:
         self._runtime: Runtime | None = None
         self._busy = asyncio.Lock()  # one change of the feeds at a time: the follow loop's, or the drain's
         self._draining = False
-        self._heap_release: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Future[object]] = set()
+        self._heap = HeapReleaser()
         self._http = web.AppRunner(
             create_status_app(lambda: self.status, self.describe, self.registry, settings.token),
             handle_signals=False, access_log=None, shutdown_timeout=1.0,
@@ -84,11 +81,7 @@ class JanusMode:
 
     async def prepare(self) -> None:
         """Answer health checks, then reach Janus and the rooms: a wrong URL, secret or room fails start-up here."""
-        await self._http.setup()
-        site = web.TCPSite(self._http, self.settings.host, self.settings.port)
-        await site.start()
-        self.url = listening_url(self._http, self.settings)
-        log.info("janus: status on %s", self.url)
+        self.url = await start_http(self._http, self.settings)
         await self._connect()
 
     async def start(self, runtime: Runtime) -> None:
@@ -125,9 +118,7 @@ class JanusMode:
         self.status = "draining"
         await self._drop_feeds(remove=self._session is not None and self._session.lost is None)
         await self._disconnect()
-        if self._heap_release is not None:
-            self._heap_release.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._heap.close()
         await self._http.cleanup()
 
     def ready_status(self) -> str:
@@ -230,16 +221,10 @@ class JanusMode:
         feed = self.feeds.pop(key)
         self.states.pop(key, None)
         await feed.close(remove=remove)
-        if self._heap_release is None:
-            # A feed's decoder, encoder and face models' buffers are freed now, but their cycles wait
-            # for a full collection and glibc keeps the pages: without this, every publisher who
-            # came and went would leave its hundred megabytes behind.
-            self._heap_release = asyncio.get_running_loop().call_later(HEAP_RELEASE_DELAY, self._release_heap)
-
-    def _release_heap(self) -> None:
-        self._heap_release = None
-        self._background.add(task := asyncio.ensure_future(asyncio.to_thread(release_heap)))
-        task.add_done_callback(self._background.discard)
+        # A feed's decoder, encoder and face models' buffers are freed now, but their cycles wait for a
+        # full collection and glibc keeps the pages: without this, every publisher who came and went
+        # would leave its hundred megabytes behind.
+        self._heap.schedule()
 
     async def _drop_feeds(self, remove: bool) -> None:
         for key in list(self.feeds):

@@ -14,14 +14,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from kfgan_daemon.janus.api import JanusError
 from kfgan_daemon.janus.videoroom import Forwarder, Publisher, RemotePublisher, VideoRoom, restored_display
 from kfgan_daemon.media.rtp.rtcp import build_pli, build_receiver_report, is_pli
 from kfgan_daemon.media.rtp.sdp import H264SessionDescription
-from kfgan_daemon.rtpapps.pipe import PipeHooks, PipeOptions, RtpPipe, SentFrame
+from kfgan_daemon.rtpapps.pipe import PipeHooks, PipeOptions, RtpPipe
 
 if TYPE_CHECKING:
     from kfgan_daemon.engine.engine import StreamEngine
@@ -37,12 +37,11 @@ DAEMON_RTCP_SSRC = 0x4B464741  # "KFGA"
 
 @dataclass(slots=True)
 class FeedCounts:
-    """What one feed did, for its metrics and ``/publishers``."""
+    """The keyframes one feed asked for and gave, for its metrics and ``/publishers`` (the frames it sent
+    are its pipe's count)."""
 
-    frames_sent: int = 0
     keyframes_asked: int = 0  # PLIs sent to the publisher for the keyframe store
     keyframes_given: int = 0  # IDRs sent because a subscriber asked (Janus's PLI)
-    started_at: float = field(default_factory=time.monotonic)
 
 
 class FeedRtcp(asyncio.DatagramProtocol):
@@ -158,7 +157,7 @@ class RestoredFeed:
                 replace(self.options, output_ssrc=self.remote.ssrc),  # Janus takes a remote feed's RTP by its SSRC
                 stream_id=self.stream_id,
                 restore_settings=self.restore_settings,
-                hooks=PipeHooks(on_sent=self._sent, on_keyframe_needed=self._store_needs_keyframe),
+                hooks=PipeHooks(on_keyframe_needed=self._store_needs_keyframe),
             )
             await self.pipe.open(engine)
             self.forwarder = await self.room.rtp_forward(
@@ -201,15 +200,12 @@ class RestoredFeed:
             "display": self.publisher.display,
             "restored_feed": self.remote.id if self.remote is not None else None,
             "restored_display": self.display,
-            "frames_sent": self.counts.frames_sent,
+            "frames_sent": pipe.frames_sent if pipe is not None else 0,
             "keyframes_asked": self.counts.keyframes_asked,
             "keyframes_given": self.counts.keyframes_given,
             "engine": pipe.stream.info().to_dict() if pipe is not None and pipe.stream is not None else None,
             "receiver": asdict(pipe.receiver.stats) if pipe is not None else None,
         }
-
-    def _sent(self, frame: SentFrame) -> None:
-        self.counts.frames_sent += 1
 
     def _store_needs_keyframe(self) -> None:
         if self.rtcp is not None and self.rtcp.ask_publisher_for_keyframe():

@@ -58,10 +58,10 @@ class FeedCollector(Collector):
                                         labels=labels)
         for feed in self._feeds():
             key = [str(feed.room.room), str(feed.publisher.id)]
-            sent.add_metric(key, feed.counts.frames_sent)
             asked.add_metric(key, feed.counts.keyframes_asked)
             given.add_metric(key, feed.counts.keyframes_given)
             if feed.pipe is not None:
+                sent.add_metric(key, feed.pipe.frames_sent)
                 stats = feed.pipe.receiver.stats
                 packets.add_metric(key, stats.packets_received)
                 malformed.add_metric(key, stats.packets_malformed)

@@ -137,11 +137,7 @@ class ServiceMode:
             self.mirror.release_session(session)
 
     async def prepare(self) -> None:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
-        await site.start()
-        self.url = listening_url(self._runner, self.settings)
-        log.info("listening on %s", self.url)
+        self.url = await start_http(self._runner, self.settings)
         if self.on_listening is not None:
             self.on_listening(self.url)
         self.state.set_status("loading", "loading the model")
@@ -222,8 +218,17 @@ async def run_server(
     await process.serve()
 
 
-def listening_url(runner: web.AppRunner, settings: Settings) -> str:
-    """The base URL the HTTP server listens on (the port it bound when ``settings.port`` is 0)."""
+async def start_http(runner: web.AppRunner, settings: Settings) -> str:
+    """Set ``runner`` up and listen on the configured host and port; the base URL it listens on (with
+    the port it bound when ``settings.port`` is 0)."""
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    url = _listening_url(runner, settings)
+    log.info("listening on %s", url)
+    return url
+
+
+def _listening_url(runner: web.AppRunner, settings: Settings) -> str:
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
             host = address[0]

@@ -27,7 +27,7 @@ from aiortc.contrib.media import MediaBlackhole
 from aiortc.sdp import SessionDescription
 
 from kfgan_daemon.engine import Outcome, StreamEngine
-from kfgan_daemon.engine.heap import HeapRelease, release_heap
+from kfgan_daemon.engine.heap import HeapRelease, HeapReleaser
 from kfgan_daemon.errors import EngineError, KfganError
 from kfgan_daemon.service.capacity import stream_limit
 from kfgan_daemon.service.config import Settings
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 # How often a connected session's traffic counters are read to tell a dead caller.
 _LIVENESS_INTERVAL = 0.5
-# Seconds after a session closed (its codec threads done by then) to release the heap it used.
-_RELEASE_DELAY = 1.0
 
 
 class OfferError(KfganError):
@@ -103,11 +101,10 @@ class SessionManager:
         self._on_keyframe_request = on_keyframe_request
         self._on_frame = on_frame
         self._on_session_closed = on_session_closed
-        self._on_heap_released = on_heap_released
         self.sessions: dict[str, PeerSession] = {}
         self._accepting = True
         self._background: set[asyncio.Task[Any]] = set()
-        self._release: asyncio.TimerHandle | None = None
+        self._heap = HeapReleaser(on_heap_released)
 
     @property
     def accepting(self) -> bool:
@@ -238,8 +235,7 @@ class SessionManager:
             session.tracks.clear()
             session.sinks.clear()
             session.watch = None
-        if self._release is None:
-            self._release = asyncio.get_running_loop().call_later(_RELEASE_DELAY, self._release_heap)
+        self._heap.schedule()
         log.info("session %s: closed", session.id)
         return True
 
@@ -247,9 +243,7 @@ class SessionManager:
         """Close every session; with ``drain``, frames already in the engine are still sent first."""
         await asyncio.gather(*(self.close(sid, drain=drain, timeout=timeout) for sid in list(self.sessions)),
                              return_exceptions=True)
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
+        await self._heap.close()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -285,17 +279,6 @@ class SessionManager:
                             session.id, now - since)
                 await self.close(session.id)
                 return
-
-    def _release_heap(self) -> None:
-        self._release = None
-        self._spawn(self._release_in_thread())
-
-    async def _release_in_thread(self) -> None:
-        released = await asyncio.to_thread(release_heap)
-        log.debug("heap released: %d unreachable objects collected in %.1f ms", released.unreachable,
-                  1000 * released.collect_seconds)
-        if self._on_heap_released is not None:
-            self._on_heap_released(released)
 
     def _spawn(self, coro) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

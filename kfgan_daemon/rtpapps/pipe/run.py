@@ -194,6 +194,11 @@ class RtpPipe:
         self._write_thread.shutdown(wait=True)
         self.registry.unregister(self._receiver_collector)
 
+    @property
+    def frames_sent(self) -> int:
+        """Frames the output has sent so far."""
+        return self._frames_sent
+
     def request_output_keyframe(self) -> None:
         """Make the next frame sent an IDR: a receiver of the output asked for one."""
         self.sink.request_keyframe()
